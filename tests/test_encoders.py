@@ -1,0 +1,128 @@
+"""BindLite: protocol, width and norm, a short training run that beats chance, the artefact,
+the feature cache, precomputed features, and the alignment tables."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ibllm_lab.alignment import measure_all, retrieval_table
+from ibllm_lab.encoders import (
+    BindLite,
+    EncoderConfig,
+    PrecomputedEncoder,
+    compute_features,
+    load_media,
+    train_encoders,
+)
+from ibllm_lab.modality import Encoder, Modality
+from ibllm_lab.world import WorldConfig, generate_world
+
+torch.set_num_threads(2)
+
+TINY_WORLD = dict(n_scenes=240, image_size=32, video_size=24, video_frames=4, n_points=64)
+TINY_ENC = dict(embed_dim=32, width=8, hidden=64, stage1_epochs=20, stage2_epochs=10, batch_size=48)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    cfg = WorldConfig.from_name("quick", **TINY_WORLD, difficulty="easy")
+    return generate_world(cfg, tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def encoder(world):
+    return train_encoders(world, EncoderConfig.from_name("quick", **TINY_ENC))
+
+
+def test_protocol_width_and_unit_norm(encoder, world):
+    assert isinstance(encoder, Encoder) and encoder.embed_dim == 32
+    scenes = world.scenes[:5]
+    batch = {
+        m: encoder.preprocess(m, load_media(world, scenes, m, encoder.prep))
+        for m in encoder.modalities
+    }
+    out = encoder(batch)
+    assert set(out) == set(encoder.modalities)
+    for m, z in out.items():
+        assert z.shape == (5, 32), m
+        torch.testing.assert_close(z.norm(dim=-1), torch.ones(5))
+    assert encoder({Modality.TEXT: ["two red circles"]})[Modality.TEXT].shape == (1, 32)
+
+
+def test_training_beats_chance(encoder, world):
+    """On held-out test scenes, image<->text and every other modality -> image retrieve the
+    right attribute combination far above chance."""
+    scenes = world.split("test")
+    emb = {}
+    for m in encoder.modalities:
+        raw = load_media(world, scenes, m, encoder.prep)
+        emb[m] = encoder.encode(m, raw)
+    table = retrieval_table(emb, scenes).set_index(["query", "target"])
+    n = len(scenes)
+    # chance of a top-5 hit is at most 5 scenes' worth of matching combinations
+    for q in ("Text", "Audio", "Point", "Depth", "Video"):
+        keys = [s.key(table.loc[(q, "Image"), "attributes"].split("+")) for s in scenes]
+        chance = np.mean([min(1.0, 5 * keys.count(k) / n) for k in keys])
+        r5 = table.loc[(q, "Image"), "R@5"]
+        assert r5 > chance + 0.25, (q, r5, chance)
+
+
+def test_save_load_same_embeddings(encoder, world, tmp_path):
+    path = encoder.save(tmp_path / "enc" / "bindlite.pt")
+    again = BindLite.load(path)
+    raw = load_media(world, world.scenes[:4], Modality.AUDIO, encoder.prep)
+    torch.testing.assert_close(
+        again.encode(Modality.AUDIO, raw), encoder.encode(Modality.AUDIO, raw)
+    )
+    assert again.prep == encoder.prep and again.vocab == encoder.vocab
+    obj = torch.load(path, weights_only=True)
+    del obj["state_dict"]["towers.Point.head.0.weight"]
+    torch.save(obj, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="towers.Point.head.0.weight"):
+        BindLite.load(tmp_path / "broken.pt")
+
+
+def test_feature_cache_and_precomputed_encoder(encoder, world, tmp_path):
+    encoder.save(tmp_path / "bindlite.pt")
+    cache = tmp_path / "features"
+    ids, feats = compute_features(encoder, world, Modality.DEPTH, cache)
+    assert ids == [s.id for s in world.scenes] and feats.shape == (len(world), 32)
+    stamp = os.stat(cache / "Depth.pt").st_mtime_ns
+    ids2, feats2 = compute_features(encoder, world, "depth", cache)
+    assert os.stat(cache / "Depth.pt").st_mtime_ns == stamp
+    torch.testing.assert_close(feats2, feats)
+    compute_features(encoder, world, Modality.IMAGE, cache)
+    pre = PrecomputedEncoder.from_dir(cache)
+    assert isinstance(pre, Encoder) and pre.embed_dim == 32
+    assert set(pre.modalities) == {Modality.DEPTH, Modality.IMAGE}
+    torch.testing.assert_close(pre.lookup("Depth", ids[3:5]), feats[3:5])
+    out = pre({Modality.IMAGE: torch.tensor([0, 2])})[Modality.IMAGE]
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(2))
+    with pytest.raises(KeyError, match="no features"):
+        pre.lookup("Depth", ["nope"])
+    # another encoder invalidates the cache
+    other = BindLite(encoder.cfg, encoder.vocab, encoder.prep)
+    compute_features(other, world, Modality.DEPTH, cache)
+    assert os.stat(cache / "Depth.pt").st_mtime_ns != stamp
+
+
+def test_measure_all_tables(encoder, world, tmp_path):
+    tables = measure_all(encoder, world, out_dir=tmp_path)
+    for name in ("retrieval", "zero_shot", "modality_gap"):
+        assert (tmp_path / f"{name}.csv").exists()
+    z = tables["zero_shot"].set_index(["modality", "attribute"])
+    assert not z.loc[("Audio", "position"), "carried"] and z.loc[("Video", "motion"), "carried"]
+    assert not z.loc[("Video", "motion"), "bindable"]
+    assert z.loc[("Image", "color"), "accuracy"] > 2 * z.loc[("Image", "color"), "chance"]
+    assert set(tables["modality_gap"].modality) == {"Text", "Audio", "Video", "Point", "Depth"}
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="stage 2"):
+        EncoderConfig(stage2=("Text",))
+    with pytest.raises(ValueError, match="batch_size"):
+        EncoderConfig(batch_size=1)
