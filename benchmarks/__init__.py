@@ -1,0 +1,1 @@
+"""Speed benchmarks of ibllm-lab (issue 7): ``ibllm-lab bench`` or ``python -m benchmarks``."""
