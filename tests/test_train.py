@@ -1,0 +1,229 @@
+"""The trainer (ibllm_lab.train): optimiser semantics, phase filters, checkpoints and resume,
+metrics, and the base LM on a small generated world."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from ibllm_lab.config import AdapterConfig, LlamaConfig
+from ibllm_lab.model import ImageBindLLM
+from ibllm_lab.peft import mark_trainable, trainable_keys
+from ibllm_lab.train import (
+    CHECKPOINT,
+    METRICS,
+    PRESETS,
+    TrainConfig,
+    WarmupCosine,
+    param_groups,
+    scaled_lr,
+    train_phase,
+)
+
+VOCAB, FEAT = 48, 16
+
+
+def tiny_model(seed: int = 0) -> ImageBindLLM:
+    torch.manual_seed(seed)
+    llama = LlamaConfig(
+        dim=32, n_layers=2, n_heads=2, vocab_size=VOCAB, multiple_of=16, max_seq_len=32
+    )
+    adapter = AdapterConfig.from_name("tiny", encoder_dim=FEAT, query_layer=2, lora_rank=4)
+    model = ImageBindLLM(llama, adapter)
+    model.llama.init_weights(generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+class Synthetic(Dataset):
+    """``n`` random sequences of length 12: 4 prompt positions (label 0), then 8 answer
+    tokens that depend on the sample's feature, so the adapter has something to learn."""
+
+    def __init__(self, n: int = 24, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.feats = torch.nn.functional.normalize(torch.randn(n, FEAT, generator=g), dim=-1)
+        answer = 3 + (self.feats[:, :8] > 0).long() * 7 + torch.arange(8)  # (n, 8)
+        prompt = torch.randint(3, VOCAB, (n, 4), generator=g)
+        prompt[:, 0] = 1
+        self.tokens = torch.cat([prompt, answer], dim=1)
+        self.labels = self.tokens.clone()
+        self.labels[:, :4] = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        return self.tokens[i], self.labels[i], self.feats[i]
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(
+        phase="pretrain",
+        epochs=2,
+        batch_size=4,
+        accum_iter=2,
+        base_lr=0.5,
+        warmup_epochs=1,
+        log_every=1,
+        threads=1,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_lr_schedule_warmup_then_half_cosine():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    sched = WarmupCosine(opt, lr=1.0, min_lr=0.1, warmup=4, total=12)
+    assert [sched.lr_at(s) for s in (0, 2, 4)] == [0.0, 0.5, 1.0]
+    assert sched.lr_at(8) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert sched.lr_at(12) == pytest.approx(0.1)
+    assert opt.param_groups[0]["lr"] == 0.0
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.25
+    cfg = TrainConfig(batch_size=8, accum_iter=4, base_lr=1e-3)
+    assert scaled_lr(cfg, world_size=2) == pytest.approx(1e-3 * 64 / 256)
+
+
+def test_weight_decay_groups_exclude_biases_and_1d_params():
+    model = tiny_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for phase, wd in (("pretrain", 0.05), ("finetune", 0.02)):
+        mark_trainable(model, phase)
+        no_decay, decay = param_groups(model, wd)
+        assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == wd
+        got_no = {names[id(p)] for p in no_decay["params"]}
+        got_yes = {names[id(p)] for p in decay["params"]}
+        assert got_no | got_yes == trainable_keys(model, phase)
+        expect_no = {
+            n
+            for n in got_no | got_yes
+            if n.endswith(".bias") or dict(model.named_parameters())[n].ndim <= 1
+        }
+        assert got_no == expect_no
+    mark_trainable(model, "pretrain")
+    no_decay, decay = (
+        set(map(lambda p: names[id(p)], g["params"])) for g in param_groups(model, 0.05)
+    )
+    assert {"image_bind_proj.bias", "image_bind_norm_1.weight"} <= no_decay
+    assert {"image_bind_proj.weight", "prefix_query.weight"} <= decay
+    assert "llama.layers.0.attention.gate" in decay  # (1, n_heads, 1, 1): not 1-d
+    mark_trainable(model, "finetune")
+    no_decay, decay = (
+        set(map(lambda p: names[id(p)], g["params"])) for g in param_groups(model, 0.02)
+    )
+    assert all("lora" in n for n in decay)
+    assert "llama.layers.1.attention.wq.bias" in no_decay and "llama.norm.weight" in no_decay
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "finetune"])
+def test_training_changes_exactly_the_phase_parameters(tmp_path, phase):
+    model = tiny_model()
+    mark_trainable(model, phase)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_phase(
+        model, Synthetic(), small_cfg(phase=phase, epochs=1, accum_iter=1), tmp_path, progress=False
+    )
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable_keys(model, phase)
+
+
+def test_resume_from_mid_run_checkpoint_equals_uninterrupted_run(tmp_path):
+    data = Synthetic()
+    full = tiny_model()
+    mark_trainable(full, "pretrain")
+    result = train_phase(full, data, small_cfg(), tmp_path / "a", progress=False)
+    assert result.steps == 6  # 24 examples / (4 x 2) = 3 steps per epoch, 2 epochs
+    first = tiny_model()
+    mark_trainable(first, "pretrain")
+    stopped = train_phase(first, data, small_cfg(stop_after=4), tmp_path / "b", progress=False)
+    assert stopped.steps == 4  # interrupted in the middle of the second epoch
+    resumed_model = tiny_model()
+    mark_trainable(resumed_model, "pretrain")
+    resumed = train_phase(resumed_model, data, small_cfg(), tmp_path / "b", progress=False)
+    assert resumed.resumed_from == 4 and resumed.steps == 6
+    for (name, p), q in zip(full.named_parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    a = pd.read_csv(tmp_path / "a" / METRICS)
+    b = pd.read_csv(tmp_path / "b" / METRICS)
+    pd.testing.assert_frame_equal(a, b)
+    with pytest.raises(ValueError, match="batch_size"):
+        train_phase(tiny_model(), data, small_cfg(batch_size=2), tmp_path / "b", progress=False)
+
+
+def test_checkpoint_and_metrics_contents(tmp_path):
+    from ibllm_lab.io import safe_torch_load
+
+    model = tiny_model()
+    mark_trainable(model, "pretrain")
+    train_phase(model, Synthetic(), small_cfg(), tmp_path, progress=False, extra={"note": "x"})
+    state = safe_torch_load(tmp_path / CHECKPOINT)
+    assert set(state["trainable"]) == trainable_keys(model, "pretrain")
+    assert state["position"] == {
+        "step": 6,
+        "epoch": 2,
+        "step_in_epoch": 0,
+        "seed": 0,
+        "steps_per_epoch": 3,
+    }
+    assert {"optimizer", "scheduler", "scaler", "rng", "train_config"} <= set(state)
+    assert state["scheduler"]["step_count"] == 6 and state["extra"] == {"note": "x"}
+    metrics = pd.read_csv(tmp_path / METRICS)
+    gates = [f"gate_L{layer}_H{h}" for layer in range(2) for h in range(2)]
+    assert list(metrics.columns) == ["step", "epoch", "loss", "lr", *gates]
+    assert metrics["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert metrics["loss"].iloc[-1] < metrics["loss"].iloc[0]
+    assert metrics["lr"].iloc[0] == 0.0  # warm-up starts at zero: the first step moves nothing
+    assert (metrics[gates].iloc[0] == 0).all()
+    assert ((metrics[gates].iloc[-1].abs() > 0) & (metrics[gates].iloc[-1].abs() < 1)).all()
+
+
+def test_config_validation_and_presets():
+    with pytest.raises(ValueError, match="phase"):
+        TrainConfig(phase="posttrain")
+    with pytest.raises(ValueError, match="amp"):
+        TrainConfig(amp="fp8")
+    for name, phases in PRESETS.items():
+        for phase in phases:
+            cfg = TrainConfig.from_name(name, phase)
+            assert cfg.phase == phase
+    assert TrainConfig.from_name("default", "pretrain").max_words == 96
+    assert TrainConfig.from_name("default", "finetune").max_words == 512
+    assert TrainConfig.from_name("reference", "pretrain").weight_decay == 0.05
+    assert TrainConfig.from_name("reference", "finetune").weight_decay == 0.02
+
+
+def test_cli_base_lm_writes_meta_format(tmp_path):
+    from ibllm_lab.checkpoint import load_llama
+    from ibllm_lab.llama import meta_keys
+    from ibllm_lab.tokenizer import Tokenizer
+    from ibllm_lab.train import cli
+    from ibllm_lab.world import WorldConfig, generate_world
+
+    world = generate_world(
+        WorldConfig.from_name("quick", n_scenes=24, n_alpaca=24), tmp_path / "world"
+    )
+    out = tmp_path / "llama"
+    argv = [
+        "base-lm",
+        "--world",
+        str(world.root),
+        "--out",
+        str(out),
+        "--preset",
+        "quick",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+    ]
+    assert cli(argv) == 0
+    assert {"params.json", "consolidated.00.pth", "tokenizer.model"} <= {
+        p.name for p in out.iterdir()
+    }
+    state, cfg = load_llama(out)
+    assert list(state) == meta_keys(cfg)
+    assert Tokenizer(out / "tokenizer.model").n_words == cfg.vocab_size
+    metrics = pd.read_csv(out / "run" / METRICS)
+    assert metrics["loss"].iloc[-1] < metrics["loss"].iloc[0]

@@ -1,0 +1,135 @@
+"""The transfer experiment (ibllm_lab.transfer): scoring, probes, the step-0 check and one
+end-to-end run on a small world with precomputed features."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from ibllm_lab.modality import Modality
+from ibllm_lab.transfer import (
+    RESULTS,
+    TransferConfig,
+    build_probes,
+    describe_correct,
+    run_transfer,
+    summary,
+)
+
+TRUTH = {
+    "shape": "circle",
+    "color": "red",
+    "size": "small",
+    "position": "top left",
+    "count": "two",
+    "motion": "left",
+}
+
+
+def test_describe_scoring_names_each_attribute():
+    got = describe_correct("There are two small red circles in the top left.", TRUTH)
+    assert got == {
+        "shape": True,
+        "color": True,
+        "size": True,
+        "position": True,
+        "count": True,
+        "motion": False,
+    }
+    got = describe_correct("One large red or blue square, moving left.", TRUTH)
+    assert got == {
+        "shape": False,
+        "color": False,
+        "size": False,
+        "position": False,
+        "count": False,
+        "motion": True,
+    }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from ibllm_lab.world import WorldConfig, generate_world
+
+    cfg = WorldConfig.from_name("quick", n_scenes=40, n_alpaca=40)
+    return generate_world(cfg, tmp_path_factory.mktemp("world"))
+
+
+def test_probes_cover_every_attribute_in_training_wording(world):
+    scenes = world.split("test")
+    probes = build_probes(scenes, seed=0)
+    assert len(probes) == len(scenes) * (6 + 5 + 2)
+    assert probes == build_probes(scenes, seed=0)
+    first = [p for p in probes if p.scene == 0]
+    assert [p.attribute for p in first if p.kind == "attribute"] == [
+        "shape",
+        "color",
+        "size",
+        "position",
+        "count",
+        "motion",
+    ]
+    assert all(p.prompt.endswith("### Response:") for p in probes)
+    assert {p.answer for p in probes if p.kind == "yesno"} <= {"yes", "no"}
+    assert first[0].answer == scenes[0].attributes["shape"]
+
+
+def _features(world) -> dict:
+    """Precomputed 'encoder' output: a noisy one-hot code of the attributes a modality
+    carries (what a perfectly aligned encoder would give)."""
+    from ibllm_lab.world import ATTRIBUTES, carries
+
+    g = torch.Generator().manual_seed(0)
+    ids = [s.id for s in world.scenes]
+    out = {}
+    for m in (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO, Modality.POINT, Modality.DEPTH):
+        rows = []
+        for s in world.scenes:
+            code = [
+                torch.nn.functional.one_hot(
+                    torch.tensor(vals.index(s.attributes[a])), len(vals)
+                ).float()
+                * (a in carries(m))
+                for a, vals in ATTRIBUTES.items()
+                if a != "motion"
+            ]
+            rows.append(torch.cat(code + [0.1 * torch.randn(11, generator=g)]))
+        out[m] = (ids, torch.stack(rows))
+    return out
+
+
+def test_run_transfer_end_to_end_writes_the_table(world, tmp_path):
+    from ibllm_lab.encoders import PrecomputedEncoder
+
+    encoder = PrecomputedEncoder(_features(world))
+    cfg = TransferConfig(
+        n_scenes=4,
+        mix_weights=(0.5,),
+        max_gen_len={"attribute": 3, "yesno": 2, "describe": 8, "caption": 8},
+    )
+    df = run_transfer(
+        world,
+        encoder,
+        tmp_path,
+        preset="quick",
+        cfg=cfg,
+        progress=False,
+        train_overrides={"batch_size": 8},
+    )
+    saved = pd.read_csv(tmp_path / RESULTS)
+    assert len(saved) == len(df)
+    check = df[df.kind == "check"].set_index("metric")["value"]
+    assert check["logits_equal_base"] == 1.0 and check["max_abs_diff"] == 0.0
+    conditions = set(df.condition)
+    for m in ("Image", "Video", "Audio", "Point", "Depth"):
+        assert {m, m + " + cache"} <= conditions
+    assert {"text-only", "Image+Audio w=0.5", "Audio (noise 1) + cache"} <= conditions
+    audio = df[(df.condition == "Audio") & (df.kind == "attribute")].set_index("attribute")
+    assert audio.loc["color", "carried"] and not audio.loc["position", "carried"]
+    assert audio.loc["shape", "chance"] == pytest.approx(1 / 6)
+    assert set(df[df.kind == "caption"].metric) == {"CIDEr", "BLEU-4"}
+    assert ((df.value >= 0) & (df.value <= 100)).all()
+    table = summary(df)
+    assert {"attr_carried", "attr_uncarried", "yesno", "describe", "CIDEr"} <= set(table.columns)
+    assert "Audio + cache" in table.index
