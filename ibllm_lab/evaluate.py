@@ -359,8 +359,16 @@ def _load_model(args):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ibllm-lab eval", description=__doc__.splitlines()[0])
     add = p.add_argument
-    add("--benchmark", type=Path, required=True, help="benchmark folder or a folder of them")
-    add("--llama", type=Path, required=True, help="LLaMA folder (params.json, tokenizer.model)")
+    add(
+        "--default",
+        action="store_true",
+        help="the embedded default: its trained model, mini-benchmarks and features "
+        "(built if missing); --modality picks how scenes are presented",
+    )
+    add("--mini-n", type=int, default=10, help="with --default: scenes per mini-benchmark")
+    add("--use-cache", action="store_true", help="pass features through the visual cache")
+    add("--benchmark", type=Path, default=None, help="benchmark folder or a folder of them")
+    add("--llama", type=Path, default=None, help="LLaMA folder (params.json, tokenizer.model)")
     add("--llama-type", default="7B", help="subfolder of --llama holding the weights, if any")
     add("--adapter", type=Path, default=None, help="trained adapter checkpoint file")
     add("--model", type=Path, default=None, help="adapter file or run folder (checkpoint.pt)")
@@ -368,7 +376,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--features", type=Path, default=None, help="torch file {'ids', 'feats' (N, D)}")
     add("--encoder", type=Path, default=None, help="BindLite file (with --world)")
     add("--world", type=Path, default=None, help="world folder for --encoder")
-    add("--out", type=Path, required=True, help="output folder")
+    add("--out", type=Path, default=None, help="output folder")
     add("--batch-size", type=int, default=16)
     add("--max-gen-len", type=int, default=None, help="default: per benchmark kind")
     add("--limit", type=int, default=None, help="first N items of each benchmark")
@@ -382,6 +390,11 @@ def cli(argv: list[str] | None = None) -> int:
     from ibllm_lab.runtime import default_device
 
     args.device = args.device or str(default_device())
+    if args.default:
+        return _cli_default(args)
+    missing = [f"--{k}" for k in ("benchmark", "llama", "out") if getattr(args, k) is None]
+    if missing:
+        _parser().error(f"{', '.join(missing)} required (or --default for the embedded default)")
     model = _load_model(args)
     encoder = world = None
     if args.encoder is not None:
@@ -396,9 +409,40 @@ def cli(argv: list[str] | None = None) -> int:
             evaluate(model, bdir, args.out / bdir.name, modality=args.modality,
                      features=args.features, encoder=encoder, world=world,
                      batch_size=args.batch_size, max_gen_len=args.max_gen_len,
-                     limit=args.limit, device=args.device)
+                     limit=args.limit, device=args.device, use_cache=args.use_cache)
         )  # fmt: skip
+    return _finish(args.out, tables)
+
+
+def _finish(out: Path, tables: list[pd.DataFrame]) -> int:
     table = pd.concat(tables, ignore_index=True)
-    _write_table(args.out, table)
+    _write_table(out, table)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     return 0
+
+
+def _cli_default(args) -> int:
+    """The embedded default end to end: its trained model (fine-tuned phase), its world's
+    mini-benchmarks presented in ``--modality``, its cached features, and its cache index."""
+    from ibllm_lab.evalsets import make_mini_benchmarks
+    from ibllm_lab.modality import Modality
+    from ibllm_lab.runtime import data_dir
+    from ibllm_lab.studies import embedded_default
+
+    default = embedded_default(device=args.device)
+    modality = Modality.parse(args.modality)
+    bench_root = data_dir() / "mini" / default.name / modality.value
+    if not bench_root.is_dir():
+        make_mini_benchmarks(default.world, bench_root, n=args.mini_n, modality=modality)
+    model = default.model("finetune", device=args.device, cache=args.use_cache)
+    features = default.features(modality)
+    out = args.out or data_dir() / "eval" / default.name / modality.value
+    if args.use_cache:
+        out = out.with_name(out.name + "-cache")
+    tables = [
+        evaluate(model, bdir, out / bdir.name, modality=modality.value, features=features,
+                 batch_size=args.batch_size, max_gen_len=args.max_gen_len, limit=args.limit,
+                 device=args.device, use_cache=args.use_cache)
+        for bdir in _benchmark_dirs(args.benchmark or bench_root)
+    ]  # fmt: skip
+    return _finish(out, tables)
