@@ -2,7 +2,12 @@
 
 Training follows ImageBind:
 
-* stage 1: image <-> text contrastive training (symmetric InfoNCE, learnable temperature);
+* stage 1: image <-> text contrastive training (symmetric InfoNCE, learnable temperature).
+  Each epoch sees fresh renders of the training scenes (``world.render_images``: new layout,
+  background, clutter and noise), so the small CNN cannot memorise a few thousand pictures;
+  the first ``partial_warmup_epochs`` pair images with short partial captions ("circles",
+  "red") naming mostly the shape, which full captions leave without gradient (position and
+  colour already tell a batch's captions apart), then full captions follow;
 * stage 2: image and text frozen; every other modality (audio, video, point, depth) is
   aligned to the *image* embeddings of the same scene, with its own learnable temperature.
   No audio-text, video-text, point-text or depth-text pairs are used, so classifying a sound
@@ -62,7 +67,7 @@ from ibllm_lab.media import (
     read_video,
 )
 from ibllm_lab.modality import Modality
-from ibllm_lab.world import ATTRIBUTES, MEDIA_MODALITIES, PLURALS, World
+from ibllm_lab.world import ATTRIBUTES, MEDIA_MODALITIES, PLURALS, World, render_images
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +82,15 @@ ENCODER_PRESETS: dict[str, dict] = {
     "default": dict(
         embed_dim=128,
         width=8,
-        stage1_epochs=25,
+        stage1_epochs=30,
         stage2_epochs=15,
         batch_size=128,
         lr=3e-3,
         video_frames=4,
+        hard_negative_fraction=0.4,
+        rerender_every=1,
+        partial_warmup_epochs=8,
+        partial_caption_weights=(0.1, 0.1, 0.1, 0.6, 0.1),
     ),
     "quick": dict(
         embed_dim=64,
@@ -90,6 +99,10 @@ ENCODER_PRESETS: dict[str, dict] = {
         stage2_epochs=15,
         batch_size=64,
         lr=3e-3,
+        hard_negative_fraction=0.4,
+        rerender_every=1,
+        partial_warmup_epochs=6,
+        partial_caption_weights=(0.1, 0.1, 0.1, 0.6, 0.1),
     ),
 }
 
@@ -117,6 +130,13 @@ class EncoderConfig:
     min_bigram_count: int = 2
     video_frames: int | None = None  # frames the video tower sees (None: all of the world's)
     hard_negative_fraction: float = 0.0  # stage-1 epochs with hard-negative batches (option)
+    hard_negative_attributes: tuple[str, ...] = HARD_NEGATIVE_ATTRIBUTES  # cycled by epoch
+    partial_warmup_epochs: int = 0  # first stage-1 epochs with partial captions only
+    # how often a partial caption names each attribute, in _CAPTION_ORDER (count, size, color,
+    # shape, position): shape is the slowest to learn, so it is named most
+    partial_caption_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
+    partial_caption_prob: float = 0.0  # stage-1 texts naming a random subset of attributes
+    rerender_every: int = 1  # stage 1 re-renders the train images every k epochs (0 = files)
     stage2: tuple[str, ...] = tuple(m.value for m in STAGE2_MODALITIES)
 
     def __post_init__(self) -> None:
@@ -130,8 +150,23 @@ class EncoderConfig:
             raise ValueError(
                 f"hard_negative_fraction must be in [0, 1]: {self.hard_negative_fraction}"
             )
+        if not 0.0 <= self.partial_caption_prob <= 1.0:
+            raise ValueError(f"partial_caption_prob must be in [0, 1]: {self.partial_caption_prob}")
+        self.partial_caption_weights = tuple(float(w) for w in self.partial_caption_weights)
+        if len(self.partial_caption_weights) != 5 or min(self.partial_caption_weights) < 0:
+            raise ValueError("partial_caption_weights: 5 non-negative weights (count, size, ...)")
+        if self.partial_warmup_epochs < 0:
+            raise ValueError(f"partial_warmup_epochs must be >= 0: {self.partial_warmup_epochs}")
+        if self.rerender_every < 0:
+            raise ValueError(f"rerender_every must be >= 0, got {self.rerender_every}")
         if not 0 < self.temperature < 1:
             raise ValueError(f"temperature must be in (0, 1), got {self.temperature}")
+        self.hard_negative_attributes = tuple(self.hard_negative_attributes)
+        if not set(self.hard_negative_attributes) <= set(HARD_NEGATIVE_ATTRIBUTES):
+            raise ValueError(
+                f"hard_negative_attributes must be among {HARD_NEGATIVE_ATTRIBUTES}: "
+                f"{self.hard_negative_attributes}"
+            )
         self.stage2 = tuple(Modality.parse(m).value for m in self.stage2)
         bad = set(self.stage2) - {m.value for m in STAGE2_MODALITIES}
         if bad:
@@ -148,6 +183,8 @@ class EncoderConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["stage2"] = list(self.stage2)
+        d["hard_negative_attributes"] = list(self.hard_negative_attributes)
+        d["partial_caption_weights"] = list(self.partial_caption_weights)
         return d
 
 
@@ -523,16 +560,17 @@ def info_nce(
 ) -> torch.Tensor:
     """Symmetric InfoNCE between matched rows of ``a`` and ``b`` (both (B, D), unit norm).
 
-    ``same`` (B, B) bool, optional: pairs known to be interchangeable (identical captions);
-    they share the target probability instead of counting as negatives."""
+    ``same`` (B, B) bool, optional: ``same[i, j]`` when row j of ``b`` also describes row i
+    of ``a`` (identical or partial captions); matches share the target probability instead
+    of counting as negatives. The diagonal must be True."""
     scale = logit_scale.exp().clamp(max=max_scale)
     logits = scale * a @ b.t()  # (B, B)
     if same is None:
         target = torch.arange(len(a), device=a.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
-    t = same.to(logits.dtype)
-    t = t / t.sum(1, keepdim=True)
-    return 0.5 * (F.cross_entropy(logits, t) + F.cross_entropy(logits.t(), t))
+    t = same.to(logits.dtype)  # (B, B): row i of a matches column j of b
+    ta, tb = t / t.sum(1, keepdim=True), t.t() / t.t().sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, ta) + F.cross_entropy(logits.t(), tb))
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -583,15 +621,71 @@ def _hard_batches(groups: list[list[int]], n: int, batch_size: int, gen) -> list
     return [idx[i : i + batch_size] for i in range(0, len(idx) - 1, batch_size)]
 
 
+_CAPTION_ORDER = ("count", "size", "color", "shape", "position")
+
+
+def _partial_caption(attrs: dict[str, str], keep: Sequence[str]) -> str:
+    """A short text naming only the ``keep`` attributes of a scene, e.g. "red circles"."""
+    words_ = []
+    for a in _CAPTION_ORDER:
+        if a not in keep:
+            continue
+        if a == "shape" and "count" in keep and attrs["count"] != "one":
+            words_.append(PLURALS[attrs["shape"]])
+        elif a == "position":
+            words_.append(f"in the {attrs['position']}")
+        else:
+            words_.append(attrs[a])
+    return " ".join(words_)
+
+
+def _stage1_texts(captions, attributes, idx: torch.Tensor, cfg, gen, prob: float | None = None):
+    """Texts for a batch and their match matrix (B, B): a random paraphrase of each caption,
+    or with ``cfg.partial_caption_prob`` a short text naming one attribute ("circles").
+    Text j matches image i when i has every attribute j names. Why: with full captions
+    alone, a batch almost never holds two scenes differing only in shape, the easy
+    attributes (position, colour) drive the loss down and shape gets no gradient; a text
+    naming one attribute asks every image in the batch about it."""
+    rows = idx.tolist()
+    n_attr = len(_CAPTION_ORDER)
+    prob = cfg.partial_caption_prob if prob is None else prob
+    partial = torch.rand(len(rows), generator=gen) < prob
+    weights = torch.tensor(cfg.partial_caption_weights)
+    which = torch.multinomial(weights, len(rows), replacement=True, generator=gen)
+    keep = torch.ones(len(rows), n_attr, dtype=torch.bool)  # (B, A) attributes text j names
+    keep[partial] = F.one_hot(which[partial], n_attr).bool()
+    pick = torch.randint(0, 10**6, (len(rows),), generator=gen)
+    texts = [
+        _partial_caption(attributes[i], [_CAPTION_ORDER[int(which[j])]])
+        if partial[j]
+        else captions[i][int(pick[j]) % len(captions[i])]
+        for j, i in enumerate(rows)
+    ]
+    codes = torch.tensor(
+        [[ATTRIBUTES[a].index(attributes[i][a]) for a in _CAPTION_ORDER] for i in rows]
+    )
+    equal = codes[:, None, :] == codes[None, :, :]  # (B, B, A) image i vs text j
+    same = (equal | ~keep[None, :, :]).all(-1)  # (B, B)
+    return texts, same
+
+
 def _train_stage1(
-    model: BindLite, images: torch.Tensor, captions: list[list[str]], cfg, gen
+    model: BindLite,
+    images: torch.Tensor,
+    captions: list[list[str]],
+    cfg,
+    gen,
+    render=None,
+    attributes: list[dict[str, str]] | None = None,
 ) -> list[float]:
     """Image <-> text InfoNCE; a random paraphrase of each scene's caption per step.
 
     A fraction ``cfg.hard_negative_fraction`` of the epochs uses hard-negative batches
     (``hard_negative_groups``): with random batches of a few thousand scenes, two captions
     rarely differ in one word only, so rare distinctions (shape) get almost no gradient.
-    Scenes with identical canonical captions are treated as shared positives."""
+    Scenes with identical canonical captions are treated as shared positives.
+    ``render(epoch)``, if given, returns fresh (N, H, W, 3) uint8 renders of the same scenes;
+    it is called every ``cfg.rerender_every`` epochs, so the CNN cannot memorise pictures."""
     params = [
         *model.towers[Modality.IMAGE.value].parameters(),
         *model.towers[Modality.TEXT.value].parameters(),
@@ -606,20 +700,30 @@ def _train_stage1(
     groups = hard_negative_groups(canonical)
     losses = []
     for epoch in tqdm(range(cfg.stage1_epochs), desc="stage 1 (image-text)", leave=False):
+        if render is not None and cfg.rerender_every and epoch % cfg.rerender_every == 0:
+            images = torch.from_numpy(render(epoch))
         hard = torch.rand(1, generator=gen).item() < cfg.hard_negative_fraction
+        hard = hard and epoch >= cfg.partial_warmup_epochs
         if hard:
-            batches = _hard_batches(groups[epoch % len(groups)], n, cfg.batch_size, gen)
+            attr = cfg.hard_negative_attributes[epoch % len(cfg.hard_negative_attributes)]
+            group = groups[HARD_NEGATIVE_ATTRIBUTES.index(attr)]
+            batches = _hard_batches(group, n, cfg.batch_size, gen)
         else:
             batches = _batches(n, cfg.batch_size, gen)
         for idx in batches[: per_epoch + 8]:
-            pick = torch.randint(0, 10**6, (len(idx),), generator=gen)
-            texts = [
-                captions[i][int(k) % len(captions[i])]
-                for i, k in zip(idx.tolist(), pick, strict=True)
-            ]
+            prob = 1.0 if epoch < cfg.partial_warmup_epochs else cfg.partial_caption_prob
+            if attributes is not None and prob > 0:
+                texts, same = _stage1_texts(captions, attributes, idx, cfg, gen, prob)
+            else:
+                pick = torch.randint(0, 10**6, (len(idx),), generator=gen)
+                texts = [
+                    captions[i][int(k) % len(captions[i])]
+                    for i, k in zip(idx.tolist(), pick, strict=True)
+                ]
+                same = key[idx][:, None] == key[idx][None, :]
             zi = model.embed(Modality.IMAGE, model.prep.image(images[idx]))
             zt = model.embed(Modality.TEXT, model.tokenize(texts))
-            same = (key[idx][:, None] == key[idx][None, :]).to(zi.device)
+            same = same.to(zi.device)
             scale = model.logit_scale[Modality.TEXT.value]
             loss = info_nce(zi, zt, scale, cfg.max_logit_scale, same)
             opt.zero_grad(set_to_none=True)
@@ -662,6 +766,21 @@ def _stage2_inputs(model: BindLite, m: Modality, raw: list):
     return lambda idx: full[idx]
 
 
+def _renderer(world: World, scenes: Sequence, files: np.ndarray, cfg: EncoderConfig):
+    """``epoch -> (N, H, W, 3)`` uint8 fresh renders of ``scenes`` (None when off); epoch 0
+    keeps the files, so a world's own images are always part of training."""
+    if not cfg.rerender_every:
+        return None
+    attrs = [s.attributes for s in scenes]
+
+    def render(epoch: int) -> np.ndarray:
+        if epoch == 0:
+            return files
+        return render_images(attrs, world.config, np.random.default_rng([cfg.seed, epoch]))
+
+    return render
+
+
 def train_encoders(
     world: World,
     cfg: EncoderConfig | None = None,
@@ -687,7 +806,15 @@ def train_encoders(
     history = history if history is not None else {}
     history["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    history["stage1"] = _train_stage1(model, images, [s.captions for s in train], cfg, gen)
+    history["stage1"] = _train_stage1(
+        model,
+        images,
+        [s.captions for s in train],
+        cfg,
+        gen,
+        render=_renderer(world, train, images.numpy(), cfg),
+        attributes=[s.attributes for s in train],
+    )
     history["stage1_s"] = time.perf_counter() - t0
     model.towers[Modality.IMAGE.value].requires_grad_(False)
     model.towers[Modality.TEXT.value].requires_grad_(False)

@@ -14,6 +14,8 @@ from ibllm_lab.encoders import (
     BindLite,
     EncoderConfig,
     PrecomputedEncoder,
+    _partial_caption,
+    _stage1_texts,
     compute_features,
     load_media,
     train_encoders,
@@ -21,10 +23,19 @@ from ibllm_lab.encoders import (
 from ibllm_lab.modality import Encoder, Modality
 from ibllm_lab.world import WorldConfig, generate_world
 
-torch.set_num_threads(2)
+# One thread: these models are tiny, and two threads on a loaded 2-core machine spin-wait.
+torch.set_num_threads(1)
 
 TINY_WORLD = dict(n_scenes=240, image_size=32, video_size=24, video_frames=4, n_points=64)
-TINY_ENC = dict(embed_dim=32, width=8, hidden=64, stage1_epochs=20, stage2_epochs=10, batch_size=48)
+TINY_ENC = dict(
+    embed_dim=32,
+    width=8,
+    hidden=64,
+    stage1_epochs=15,
+    stage2_epochs=8,
+    batch_size=48,
+    partial_warmup_epochs=3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +137,26 @@ def test_config_validation():
         EncoderConfig(stage2=("Text",))
     with pytest.raises(ValueError, match="batch_size"):
         EncoderConfig(batch_size=1)
+    with pytest.raises(ValueError, match="hard_negative_attributes"):
+        EncoderConfig(hard_negative_attributes=("motion",))
+    with pytest.raises(ValueError, match="rerender_every"):
+        EncoderConfig(rerender_every=-1)
+
+
+def test_partial_caption_matches():
+    """A text naming one attribute matches every image with that value, and only those."""
+    attrs = [
+        dict(count="one", size="small", color="red", shape="circle", position="top left"),
+        dict(count="two", size="large", color="red", shape="square", position="top left"),
+        dict(count="one", size="large", color="blue", shape="circle", position="top right"),
+    ]
+    caps = [[f"caption {i}"] for i in range(3)]
+    cfg = EncoderConfig(partial_caption_prob=1.0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        texts, same = _stage1_texts(caps, attrs, torch.arange(3), cfg, gen)
+        assert same.diagonal().all()
+        for j, text in enumerate(texts):
+            (named,) = [a for a in attrs[j] if _partial_caption(attrs[j], [a]) == text]
+            for i in range(3):
+                assert bool(same[i, j]) == (attrs[i][named] == attrs[j][named]), (text, i, j)

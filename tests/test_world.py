@@ -24,6 +24,7 @@ from ibllm_lab.world import (
     describe,
     generate_world,
     make_question,
+    render_images,
 )
 
 TINY = dict(n_scenes=60, image_size=32, video_size=24, video_frames=4, n_points=64, n_alpaca=20)
@@ -181,3 +182,20 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown difficulty"):
         WorldConfig(difficulty="impossible")
     assert Difficulty.from_name("hard").strength["Audio"]["size"] < 1.0
+
+
+def test_render_images_fresh_views_of_the_same_scenes(world):
+    """Re-renders (training's fresh views) have the world's image format, follow the seed,
+    change the nuisances and keep the attributes: the scene's colour dominates."""
+    easy = WorldConfig.from_name("quick", **TINY, difficulty="easy")
+    attrs = [dict(s.attributes, color="red") for s in world.scenes[:8]]
+    a = render_images(attrs, easy, np.random.default_rng(1))
+    b = render_images(attrs, easy, np.random.default_rng(1))
+    c = render_images(attrs, easy, np.random.default_rng(2))
+    assert a.shape == (8, 32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    flat = a.astype(int).reshape(8, -1, 3)
+    sat = flat.max(-1) - flat.min(-1)
+    for img, s in zip(flat, sat, strict=True):
+        assert int(np.argmax(img[s >= np.percentile(s, 97)].mean(0))) == 0
