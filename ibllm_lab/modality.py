@@ -98,7 +98,7 @@ def fuse(embeddings: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.
         raise ValueError(f"embeddings to fuse must share one shape, got {sorted(shapes)}")
     ws = normalise_weights(weights)
     out = torch.zeros_like(embeddings[0], dtype=torch.float32)
-    for emb, w in zip(embeddings, ws):
+    for emb, w in zip(embeddings, ws, strict=True):
         out = out + F.normalize(emb.float(), dim=-1) * w
     return out.to(embeddings[0].dtype)
 

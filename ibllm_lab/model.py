@@ -98,6 +98,14 @@ class ImageBindLLM(ImageBindAdapter):
                 f"{llama_cfg.vocab_size}"
             )
 
+    def __setattr__(self, name: str, value) -> None:
+        # nn.Module would register an nn.Module encoder as a submodule and bypass the
+        # property; the encoder and cache are attached, not owned (not saved, not moved).
+        if name in ("encoder", "cache"):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     @property
     def encoder(self) -> Encoder | None:
         return self._attached["encoder"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,3 +269,25 @@ def test_load_without_adapter_is_the_base_llama(reference_layout, base, llama_cf
     ):
         assert torch.isfinite(state[key]).all() and state[key].std() > 0.01
     assert state["image_bind_norm_2.weight"].eq(1).all()
+
+
+def test_readme_example_runs(tmp_path, reference_layout):
+    """README's "Using it like the reference implementation" block, on a tiny reference-layout
+    folder: the same code, with the paths, device and dtype swapped for local ones."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    model = trained_model(reference_layout)
+    state = {k: v for k, v in model.state_dict().items() if k in adapter_keys(model)}
+    torch.save({"model": state}, tmp_path / "7B.pth")
+    code = (
+        block.replace('"path/to/llama"', repr(str(reference_layout)))
+        .replace('"path/to/7B.pth"', repr(str(tmp_path / "7B.pth")))
+        .replace('device="cuda"', 'device="cpu"')
+        .replace("torch.float16", "torch.float32")
+    )
+    scope = {"image_emb": torch.randn(1, ENC), "audio_emb": torch.randn(1, ENC)}
+    exec(compile(code, "README.md", "exec"), scope)
+    answers = scope["answers"]
+    assert isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0], str)

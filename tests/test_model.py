@@ -402,3 +402,20 @@ def test_tiny_presets_fit_together():
     model = ImageBindLLM(llama, adapter)
     tokens = torch.randint(0, 97, (1, 5))
     assert model.logits(tokens, torch.randn(1, adapter.encoder_dim)).shape == (1, 5, 97)
+
+
+def test_attaching_a_module_encoder_goes_through_the_property():
+    """``model.encoder = some_nn_module`` must attach it (not register a submodule)."""
+    from ibllm_lab.config import AdapterConfig, LlamaConfig
+    from ibllm_lab.model import ImageBindLLM
+
+    lcfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16)
+    acfg = AdapterConfig(encoder_dim=8, query_layer=2, lora_rank=0)
+    model = ImageBindLLM(lcfg, acfg)
+    keys = set(model.state_dict())
+    enc = torch.nn.Linear(8, 8)
+    model.encoder = enc
+    assert model.encoder is enc
+    assert set(model.state_dict()) == keys
+    model.encoder = None
+    assert model.encoder is None
