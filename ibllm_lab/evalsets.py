@@ -47,6 +47,8 @@ KINDS = ("vqa", "gqa", "mme", "mmbench", "scienceqa", "caption")
 BENCHMARK_META = "benchmark.json"
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+PLAIN_MC_SUFFIX = "\nAnswer with the option's letter."
+PROMPT_STYLES = ("llava", "plain")
 CAPTION_INSTRUCTION = "Generate caption of this image"  # the method's pre-training prompt
 CIRCULAR_OFFSET = 1_000_000  # MMBench: rotations of one question share index % 1e6
 
@@ -97,18 +99,30 @@ class Benchmark:
     def __len__(self) -> int:
         return len(self.items)
 
-    def instruction(self, item: EvalItem) -> str:
-        """The instruction given to the model for ``item`` (before the prompt template)."""
+    def instruction(self, item: EvalItem, style: str = "llava") -> str:
+        """The instruction given to the model for ``item`` (before the prompt template).
+
+        ``style`` is the harness's post-prompt, as lmms-eval configures per model:
+        ``"llava"`` (default) appends LLaVA-1.5's "Answer the question using a single word or
+        phrase." to VQA/GQA and "Answer with the option's letter from the given choices
+        directly." to multiple choice, and keeps MME's own " Please answer yes or no.";
+        ``"plain"`` asks the bare question (MME's suffix removed) and ends multiple choice with
+        "Answer with the option's letter.", the wording of the embedded world's training data.
+        """
+        if style not in PROMPT_STYLES:
+            raise ValueError(f"prompt style {style!r}: expected one of {PROMPT_STYLES}")
+        plain = style == "plain"
         if self.kind in ("vqa", "gqa"):
-            return item.question + VQA_SUFFIX
+            return item.question if plain else item.question + VQA_SUFFIX
         if self.kind == "mme":
-            return item.question
+            q = item.question
+            return q.removesuffix(MME_PROMPT).removesuffix(MME_PROMPT.strip()) if plain else q
         if self.kind == "caption":
             return CAPTION_INSTRUCTION
         hint = item.meta.get("hint") or ""
         lines = ([f"Context: {hint}"] if hint else []) + [item.question]
         lines += [f"{k}. {v}" for k, v in item.options.items()]
-        return "\n".join(lines) + MC_SUFFIX
+        return "\n".join(lines) + (PLAIN_MC_SUFFIX if plain else MC_SUFFIX)
 
 
 # --- helpers ------------------------------------------------------------------------------

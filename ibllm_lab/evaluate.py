@@ -247,6 +247,7 @@ def evaluate(
     cache_size: int = 10,
     cache_t: float = 20.0,
     cache_weight: float = 0.5,
+    prompt_style: str = "llava",
     **generate_kwargs,
 ) -> pd.DataFrame:
     """Evaluate ``model`` on ``benchmark`` and return the score table.
@@ -259,6 +260,7 @@ def evaluate(
     ``cache_dir``: where computed features are cached (default ``out_dir/features``).
     ``limit``: first N items only. ``skip_missing``: leave out items without a feature instead
     of raising. ``max_gen_len``: default per benchmark kind (``MAX_GEN_LEN``).
+    ``prompt_style``: the harness post-prompt (``Benchmark.instruction``): "llava" or "plain".
     ``use_cache``: pass the L2-normalised features through ``model.cache`` (the
     visual cache, METHOD.md step 3) with ``cache_size``, ``cache_t``, ``cache_weight``.
     Extra keyword arguments go to ``generate_from_feats``.
@@ -290,7 +292,7 @@ def evaluate(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_run(out_dir, {"benchmark": bench.name, "kind": bench.kind, "modality": modality_name,
-                         "use_cache": use_cache})  # fmt: skip
+                         "use_cache": use_cache, "prompt_style": prompt_style})  # fmt: skip
     done = read_predictions(out_dir / PREDICTIONS)
     todo = [it for it in items if it.id not in done]
     logger.info("%s: %d done, %d to generate", bench.name, len(items) - len(todo), len(todo))
@@ -300,7 +302,7 @@ def evaluate(
     with open(out_dir / PREDICTIONS, "a", encoding="utf-8") as f:
         for batch in tqdm(batches, desc=f"eval {bench.name}", disable=not batches):
             x = _batch_features(batch, feats, device, cache) if modality_name else None
-            for rec in _generate(model, bench, batch, x, **gen, **generate_kwargs):
+            for rec in _generate(model, bench, batch, x, prompt_style, **gen, **generate_kwargs):
                 f.write(json.dumps(rec) + "\n")
                 done[rec["id"]] = rec
             f.flush()  # a finished batch survives an interruption
@@ -317,10 +319,10 @@ def _batch_features(batch, feats, device, cache) -> torch.Tensor:
     return cache(F.normalize(x, dim=-1)) if cache is not None else x
 
 
-def _generate(model, bench: Benchmark, batch, x, **gen) -> list[dict]:
+def _generate(model, bench: Benchmark, batch, x, prompt_style: str, **gen) -> list[dict]:
     """One generation call; returns the batch's prediction records."""
     fmt = _format_prompt()
-    instructions = [bench.instruction(it) for it in batch]
+    instructions = [bench.instruction(it, style=prompt_style) for it in batch]
     outs = model.generate_from_feats(x, [fmt(s) for s in instructions], **gen)
     return [
         {"id": it.id, "image": it.image, "instruction": s, "prediction": pred}
@@ -367,6 +369,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--mini-n", type=int, default=10, help="with --default: scenes per mini-benchmark")
     add("--use-cache", action="store_true", help="pass features through the visual cache")
+    add(
+        "--prompt-style",
+        choices=("llava", "plain"),
+        default=None,
+        help="harness post-prompt: llava (LLaVA-1.5 suffixes; default for checkpoints) or "
+        "plain (bare questions; default with --default, matching the world's training data)",
+    )
     add("--benchmark", type=Path, default=None, help="benchmark folder or a folder of them")
     add("--llama", type=Path, default=None, help="LLaMA folder (params.json, tokenizer.model)")
     add("--llama-type", default="7B", help="subfolder of --llama holding the weights, if any")
@@ -409,7 +418,8 @@ def cli(argv: list[str] | None = None) -> int:
             evaluate(model, bdir, args.out / bdir.name, modality=args.modality,
                      features=args.features, encoder=encoder, world=world,
                      batch_size=args.batch_size, max_gen_len=args.max_gen_len,
-                     limit=args.limit, device=args.device, use_cache=args.use_cache)
+                     limit=args.limit, device=args.device, use_cache=args.use_cache,
+                     prompt_style=args.prompt_style or "llava")
         )  # fmt: skip
     return _finish(args.out, tables)
 
@@ -436,13 +446,14 @@ def _cli_default(args) -> int:
         make_mini_benchmarks(default.world, bench_root, n=args.mini_n, modality=modality)
     model = default.model("finetune", device=args.device, cache=args.use_cache)
     features = default.features(modality)
-    out = args.out or data_dir() / "eval" / default.name / modality.value
+    style = args.prompt_style or "plain"
+    out = args.out or data_dir() / "eval" / default.name / f"{modality.value}-{style}"
     if args.use_cache:
         out = out.with_name(out.name + "-cache")
     tables = [
         evaluate(model, bdir, out / bdir.name, modality=modality.value, features=features,
                  batch_size=args.batch_size, max_gen_len=args.max_gen_len, limit=args.limit,
-                 device=args.device, use_cache=args.use_cache)
+                 device=args.device, use_cache=args.use_cache, prompt_style=style)
         for bdir in _benchmark_dirs(args.benchmark or bench_root)
     ]  # fmt: skip
     return _finish(out, tables)

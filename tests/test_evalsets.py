@@ -211,3 +211,28 @@ def test_mini_captions_and_modality_restriction(world, mini, tmp_path):
     assert any("video" in it.question for it in items)
     with pytest.raises(ValueError):
         make_mini_benchmarks(world, tmp_path, kinds=["pope"])
+
+
+def test_prompt_styles_change_only_the_post_prompt():
+    from ibllm_lab.evalsets import Benchmark, EvalItem
+
+    vqa = Benchmark("v", "vqa", [EvalItem("1", "img", "What colour?", ["red"] * 10)])
+    assert (
+        vqa.instruction(vqa.items[0])
+        == "What colour?\nAnswer the question using a single word or phrase."
+    )
+    assert vqa.instruction(vqa.items[0], style="plain") == "What colour?"
+    mme = Benchmark(
+        "m", "mme", [EvalItem("1", "img", "Is it red? Please answer yes or no.", ["yes"])]
+    )
+    assert mme.instruction(mme.items[0]) == "Is it red? Please answer yes or no."
+    assert mme.instruction(mme.items[0], style="plain") == "Is it red?"
+    mc = Benchmark(
+        "c", "mmbench", [EvalItem("1", "img", "Shape?", ["A"], {"A": "circle", "B": "cross"})]
+    )
+    assert (
+        mc.instruction(mc.items[0], style="plain")
+        == "Shape?\nA. circle\nB. cross\nAnswer with the option's letter."
+    )
+    with pytest.raises(ValueError, match="prompt style"):
+        vqa.instruction(vqa.items[0], style="chatty")
