@@ -3,9 +3,10 @@
 Both run on the same weights (the baseline shares the model's tensors) in the same process.
 Training: one optimiser step as the trainer takes it (autocast on GPU, frozen parameters in
 bf16, trainable ones in fp32, AdamW, ``loss.item()``), for the pre-training and fine-tuning
-phases. Generation: greedy, equal-length prompts, exactly ``new_tokens`` tokens (EOS never
-stops it), timed from prompt to last token: the model's own decoder, ``FastGenerator``
-(static cache; CUDA graph on GPU) and the baseline.
+phases, the baseline's and ours timed in turns. Generation: greedy, equal-length prompts,
+exactly ``new_tokens`` tokens (EOS never stops it), timed from prompt to last token: the
+model's own modules (``fast=False``), ``FastGenerator`` (static cache; CUDA graph on GPU;
+what ``ImageBindLLM.generate`` uses by default) and the baseline.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ CPU_SPEEDUP_TARGET = 2.0
 # generation paths: the baseline, the model's own decoder, FastGenerator, + torch.compile
 GEN_IMPLS = ("baseline", "eager", "fast", "compile")
 GEN_MEMORY_TARGET_GIB = 16.0
+EAGER = "ibllm_lab (fast=False)"  # generation through the model's own modules
 
 
 @dataclass
@@ -156,48 +158,56 @@ def _batch(cfg: ModelBenchConfig, vocab: int, width: int, batch: int, seq: int):
     return tokens, labels, feats
 
 
-def _time_train(module, batch, cfg) -> tuple[float, float | None]:
-    """(samples/s, peak GiB) of ``module``'s training step."""
-    with peak_memory(cfg.device) as mem:
-        step = _train_step_fn(module, batch, cfg)
-        seconds = median(time_fn(step, cfg.device, cfg.warmup, cfg.iters))
-    return batch[0].shape[0] / seconds, mem["gib"]
+def _time_train(modules: dict[str, torch.nn.Module], batch, cfg) -> dict[str, tuple]:
+    """``{impl: (samples/s, peak GiB)}`` of each module's training step. The steps are timed
+    in turns (baseline, ours, baseline, ...) so that a load change on a shared machine
+    touches both alike; peak memory is read during each one's warm-up."""
+    steps, peaks = {}, {}
+    for impl, module in modules.items():
+        with peak_memory(cfg.device) as mem:
+            steps[impl] = _train_step_fn(module, batch, cfg)
+            time_fn(steps[impl], cfg.device, max(cfg.warmup, 1), 0)
+        peaks[impl] = mem["gib"]
+    times: dict[str, list[float]] = {impl: [] for impl in steps}
+    for _ in range(cfg.iters):
+        for impl, step in steps.items():
+            times[impl] += time_fn(step, cfg.device, 0, 1)
+    return {impl: (batch[0].shape[0] / median(times[impl]), peaks[impl]) for impl in steps}
 
 
 def bench_train(model: ImageBindLLM, baseline: BaselineImageBindLLM | None, cfg, emit) -> None:
     impl = "ibllm_lab"
-    model.train()
-    if baseline is not None:
-        baseline.train()
+    modules = (
+        {"ibllm_lab": model} if baseline is None else {"baseline": baseline, "ibllm_lab": model}
+    )
+    for module in modules.values():
+        module.train()
     if cfg.train_compile:  # regional compilation: one graph per block kind, reused per layer
         for block in model.llama.layers:
             block.compile()
         impl = "ibllm_lab + torch.compile (per block)"
     for phase, batch_size, seq in cfg.train_shapes:
-        rows = []
         case = f"{phase} {batch_size}x{seq}"
         batch = _batch(
             cfg, model.llama_cfg.vocab_size, model.adapter_cfg.encoder_dim, batch_size, seq
         )
-        base_value = None
+        for module in modules.values():
+            mark_trainable(module, phase)
+            prepare_precision(module, cfg.device, cfg.amp)
+        figures = _time_train(modules, batch, cfg)
+        base_value = figures["baseline"][0] if baseline is not None else None
+        rows = []
         if baseline is not None:
-            mark_trainable(baseline, phase)
-            prepare_precision(baseline, cfg.device, cfg.amp)
-            base_value, mem = _time_train(baseline, batch, cfg)
-            rows.append(_row(cfg, "train", case, "baseline", base_value, "samples/s", mem, None))
-            gc.collect()
-        mark_trainable(model, phase)
-        prepare_precision(model, cfg.device, cfg.amp)
-        value, mem = _time_train(model, batch, cfg)
+            value, mem = figures["baseline"]
+            rows.append(_row(cfg, "train", case, "baseline", value, "samples/s", mem, None))
+        value, mem = figures["ibllm_lab"]
         rows.append(_row(cfg, "train", case, impl, value, "samples/s", mem, base_value))
         log.info("train %s: %.1f samples/s (baseline %s)", case, value, base_value)
         emit(rows)
         _free(cfg.device)
-    mark_trainable(model, "none")
-    prepare_precision(model, cfg.device, cfg.amp)
-    if baseline is not None:
-        mark_trainable(baseline, "none")
-        prepare_precision(baseline, cfg.device, cfg.amp)
+    for module in modules.values():
+        mark_trainable(module, "none")
+        prepare_precision(module, cfg.device, cfg.amp)
 
 
 def _free(device: torch.device) -> None:
@@ -211,8 +221,10 @@ def _generators(model, baseline, cfg) -> dict[str, Callable]:
     """impl name -> fn(feats, prompt_tensor, new_tokens) -> (B, new_tokens) token tensor,
     for the implementations in ``cfg.gen_impls``."""
 
-    def eager(feats, prompt, n):
-        out = model.generate_ids_from_feats(feats, prompt.tolist(), n, temperature=0, eos_id=-1)
+    def eager(feats, prompt, n):  # the model's own modules
+        out = model.generate_ids_from_feats(
+            feats, prompt.tolist(), n, temperature=0, eos_id=-1, fast=False
+        )
         return torch.tensor(out)
 
     def fast(engine):
@@ -227,7 +239,7 @@ def _generators(model, baseline, cfg) -> dict[str, Callable]:
     if "baseline" in cfg.gen_impls and baseline is not None:
         gens["baseline"] = base
     if "eager" in cfg.gen_impls:
-        gens["ibllm_lab"] = eager
+        gens[EAGER] = eager
     if "fast" in cfg.gen_impls:
         kind = "CUDA graph" if cfg.on_gpu else "packed"
         gens[f"ibllm_lab FastGenerator ({kind})"] = fast(FastGenerator(model))
@@ -258,11 +270,11 @@ def _bench_batch(model, baseline, cfg, batch, prompt, feats) -> list[Result]:
                 lambda f=fn, o=out: o.update(ids=f(feats, prompt, cfg.new_tokens)),
                 cfg.device,
                 0,
-                1 if impl in ("baseline", "ibllm_lab") and cfg.on_gpu else cfg.gen_iters,
+                1 if impl in ("baseline", EAGER) and cfg.on_gpu else cfg.gen_iters,
             )
         value = batch * cfg.new_tokens / median(times)
         extra = {}
-        if reference is None and impl == "ibllm_lab":
+        if reference is None and impl == EAGER:
             reference = out["ids"]
         elif reference is not None:  # greedy tokens of this path equal the model's own
             extra["same_tokens"] = round(float((out["ids"] == reference).float().mean()), 3)

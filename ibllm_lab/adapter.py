@@ -9,6 +9,10 @@
 
 These extend ``peft.py`` / ``llama.py`` by subclassing; parameter names equal the released
 checkpoint's (``image_bind_*``, ``prefix_query``, ``llama.layers.N.attention.gate``).
+
+For ``gated`` / ``ungated`` the term does not depend on the token, so ``AdapterLlama`` computes
+it for every injected layer at once (one batched matmul through the stacked frozen ``wv``)
+before running the layers, instead of a handful of small operations inside each layer.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ibllm_lab.config import AdapterConfig, LlamaConfig
-from ibllm_lab.llama import Device, KVCache, LayerKV, Llama, RMSNorm, repeat_kv
+from ibllm_lab.llama import DerivedCache, Device, KVCache, LayerKV, Llama, RMSNorm, repeat_kv
 from ibllm_lab.peft import PEFTAttention, PEFTBlock
 
 __all__ = ["AdapterAttention", "AdapterBlock", "AdapterLlama", "ImageBindAdapter"]
 
 _LORA_UP = re.compile(r"\.lora_w\w+_l2\.weight$")
+TOKEN_FREE = ("gated", "ungated")  # injections whose term is the same for every token
 
 
 class AdapterAttention(PEFTAttention):
@@ -68,18 +73,23 @@ class AdapterAttention(PEFTAttention):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
         start_pos: int = 0,
         cache: LayerKV | None = None,
         adapter: torch.Tensor | None = None,
+        term: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x (B, T, dim)``; ``adapter (B, query_len, dim)`` or None -> ``(B, T, dim)``."""
+        """``x (B, T, dim)`` -> ``(B, T, dim)``, given either the adapter tokens ``adapter
+        (B, query_len, dim)`` or, for token-free injections, the precomputed ``term
+        (B, H, 1, hd)`` (``AdapterLlama.adapter_terms``); neither: no injection."""
         q, k, v = self.qkv(x, rope)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         out = self.attend(q, k, v, start_pos)  # (B, H, T, hd)
-        if adapter is not None:
-            out = out + self.adapter_output(q, adapter)
+        if term is None and adapter is not None:
+            term = self.adapter_output(q, adapter)
+        if term is not None:
+            out = out + term
         return self.merge(out)
 
 
@@ -103,14 +113,15 @@ class AdapterBlock(PEFTBlock):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
         start_pos: int = 0,
         cache: LayerKV | None = None,
         adapter: torch.Tensor | None = None,
+        term: torch.Tensor | None = None,
     ) -> torch.Tensor:
         normed = self.attention_norm(x)
         if self.injected:
-            h = x + self.attention(normed, rope, start_pos, cache, adapter)
+            h = x + self.attention(normed, rope, start_pos, cache, adapter, term)
         else:
             h = x + self.attention(normed, rope, start_pos, cache)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -126,6 +137,30 @@ class AdapterLlama(Llama):
         super().__init__(cfg, device, dtype, make_block=block, extra_positions=extra)
         self.adapter_cfg = adapter
         self.first_injected = cfg.n_layers - adapter.query_layer if adapter.uses_prefix else None
+        self._stacked_wv = DerivedCache()
+
+    def injected_attention(self) -> list[AdapterAttention]:
+        return [layer.attention for layer in self.layers if layer.injected]
+
+    def adapter_terms(self, adapters: torch.Tensor) -> torch.Tensor:
+        """Token-free injections: ``adapters (query_layer, B, 1, dim)`` -> every injected
+        layer's term ``(query_layer, B, H, 1, hd)``, ``tanh(gate_l) * W_v,l(a_l)`` split into
+        heads (``gated``; ``ungated`` without the gate), in one batched matmul."""
+        attn = self.injected_attention()
+        weights = [a.wv.weight for a in attn]  # each (Hkv * hd, dim)
+        if any(w.requires_grad for w in weights):
+            stacked = torch.stack(weights)
+        else:  # frozen (as the method trains): stacked once
+            stacked = self._stacked_wv.get(weights, lambda: torch.stack(weights))
+        Lq, B = adapters.shape[:2]
+        tokens = adapters.to(stacked.dtype).view(Lq, B, -1)  # (Lq, B, dim)
+        values = torch.bmm(tokens, stacked.transpose(1, 2))  # (Lq, B, Hkv * hd)
+        a = attn[0]
+        values = values.view(Lq * B, 1, -1)
+        heads = a._heads(values).view(Lq, B, a.n_heads, 1, a.head_dim)  # (Lq, B, H, 1, hd)
+        if self.adapter_cfg.injection == "ungated":
+            return heads
+        return torch.stack([a.gate for a in attn]).tanh() * heads  # gates: (Lq, 1, H, 1, 1)
 
     def run(
         self,
@@ -137,12 +172,17 @@ class AdapterLlama(Llama):
         """``h (B, T, dim)``; ``adapters (query_layer, B, query_len, dim)`` for the injected
         layers, in order, or None (plain LLaMA with PEFT)."""
         rope = self.rope(start_pos, h.shape[1])
+        terms = None
+        if adapters is not None and self.adapter_cfg.injection in TOKEN_FREE:
+            terms = self.adapter_terms(adapters)  # (Lq, B, H, 1, hd)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache[i]
-            if adapters is not None and layer.injected:
-                h = layer(h, rope, start_pos, kv, adapters[i - self.first_injected])
-            else:
+            if adapters is None or not layer.injected:
                 h = layer(h, rope, start_pos, kv)
+            elif terms is not None:
+                h = layer(h, rope, start_pos, kv, term=terms[i - self.first_injected])
+            else:
+                h = layer(h, rope, start_pos, kv, adapters[i - self.first_injected])
         return h
 
 

@@ -35,6 +35,7 @@ real ImageBind embeddings computed elsewhere): its inputs are row indices into t
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -67,7 +68,14 @@ from ibllm_lab.media import (
     read_video,
 )
 from ibllm_lab.modality import Modality
-from ibllm_lab.world import ATTRIBUTES, MEDIA_MODALITIES, PLURALS, World, render_images
+from ibllm_lab.world import (
+    ATTRIBUTES,
+    MEDIA_MODALITIES,
+    PLURALS,
+    World,
+    render_images,
+    render_media,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,10 @@ HARD_NEGATIVE_ATTRIBUTES = ("shape", "color", "size", "count", "position")
 # Configuration
 
 ENCODER_PRESETS: dict[str, dict] = {
+    # default: partial captions in half the stage-1 texts after the warm-up (image shape
+    # zero-shot 0.69 -> 0.95 on the default world; in the 360-scene quick world they cost
+    # more than they give, so quick has none); stage 2 on fresh renders (video and point
+    # memorised their fixed samples)
     "default": dict(
         embed_dim=128,
         width=8,
@@ -91,6 +103,8 @@ ENCODER_PRESETS: dict[str, dict] = {
         rerender_every=1,
         partial_warmup_epochs=8,
         partial_caption_weights=(0.1, 0.1, 0.1, 0.6, 0.1),
+        partial_caption_prob=0.5,
+        stage2_rerender_every={"Video": 3, "Audio": 3, "Point": 1, "Depth": 2},
     ),
     "quick": dict(
         embed_dim=64,
@@ -103,6 +117,7 @@ ENCODER_PRESETS: dict[str, dict] = {
         rerender_every=1,
         partial_warmup_epochs=6,
         partial_caption_weights=(0.1, 0.1, 0.1, 0.6, 0.1),
+        stage2_rerender_every={"Video": 3, "Audio": 3, "Point": 1, "Depth": 2},
     ),
 }
 
@@ -137,7 +152,14 @@ class EncoderConfig:
     partial_caption_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
     partial_caption_prob: float = 0.0  # stage-1 texts naming a random subset of attributes
     rerender_every: int = 1  # stage 1 re-renders the train images every k epochs (0 = files)
+    # stage 2 re-renders each modality's train samples every k epochs ({modality: k}; missing
+    # or 0 = the files only): towers aligned to fixed samples memorise them (video, point)
+    stage2_rerender_every: dict[str, int] = field(default_factory=dict)
     stage2: tuple[str, ...] = tuple(m.value for m in STAGE2_MODALITIES)
+    # stage 2 starts the video tower's frame CNN from the trained image tower and keeps it
+    # frozen (ImageBind encodes video with its image encoder); only temporal pooling trains
+    video_from_image: bool = True
+    point_neighbours: int = 8  # k of the point tower's nearest-neighbour offsets (0 = none)
 
     def __post_init__(self) -> None:
         if self.embed_dim < 2 or self.width < 1 or self.hidden < 1:
@@ -168,6 +190,15 @@ class EncoderConfig:
                 f"{self.hard_negative_attributes}"
             )
         self.stage2 = tuple(Modality.parse(m).value for m in self.stage2)
+        every = {Modality.parse(m).value: int(k) for m, k in self.stage2_rerender_every.items()}
+        if any(k < 0 for k in every.values()) or not set(every) <= {
+            m.value for m in STAGE2_MODALITIES
+        }:
+            raise ValueError(
+                "stage2_rerender_every maps stage-2 modalities to epochs >= 0: "
+                f"{self.stage2_rerender_every}"
+            )
+        self.stage2_rerender_every = every
         bad = set(self.stage2) - {m.value for m in STAGE2_MODALITIES}
         if bad:
             raise ValueError(f"stage 2 aligns only {[m.value for m in STAGE2_MODALITIES]}: {bad}")
@@ -185,6 +216,7 @@ class EncoderConfig:
         d["stage2"] = list(self.stage2)
         d["hard_negative_attributes"] = list(self.hard_negative_attributes)
         d["partial_caption_weights"] = list(self.partial_caption_weights)
+        d["stage2_rerender_every"] = dict(self.stage2_rerender_every)
         return d
 
 
@@ -286,15 +318,37 @@ class ConvTower(nn.Module):
 
 
 class VideoTower(nn.Module):
-    """Frames stacked as channels (early temporal fusion): (B, T, 3, S, S) -> (B, D)."""
+    """Frames plus temporal pooling: an image CNN shared by every frame (``frames``; ImageBind
+    encodes video with its image encoder, and ``train_encoders`` starts it from the trained
+    image tower), then the mean of the unit-norm frame embeddings plus an MLP (``temporal``)
+    over their mean, max and last-minus-first difference (motion): (B, T, 3, S, S) -> (B, D).
+    The MLP's last layer starts at zero, so an untrained head returns the mean frame."""
 
     def __init__(self, n_frames: int, size: int, width: int, hidden: int, embed_dim: int):
         super().__init__()
-        self.cnn = ConvTower(3 * n_frames, size, width, hidden, embed_dim)
+        self.n_frames, self.size = n_frames, size
+        self.frames = ConvTower(3, size, width, hidden, embed_dim)
+        self.temporal = nn.Sequential(
+            nn.Linear(3 * embed_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
+        )
+        nn.init.zeros_(self.temporal[-1].weight)
+        nn.init.zeros_(self.temporal[-1].bias)
+
+    def frame_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, S, S) -> (B, T, D) unit-norm embeddings of each frame."""
+        b, t = x.shape[:2]
+        x = x.flatten(0, 1)
+        if x.shape[-1] != self.size:  # frames at the image tower's size (video_from_image)
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        return F.normalize(self.frames(x), dim=-1).view(b, t, -1)
+
+    def pool(self, f: torch.Tensor) -> torch.Tensor:
+        """Frame embeddings (B, T, D) -> (B, D) (not normalised)."""
+        mean = f.mean(1)
+        return mean + self.temporal(torch.cat([mean, f.amax(1), f[:, -1] - f[:, 0]], dim=-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c, h, w = x.shape
-        return self.cnn(x.reshape(b, t * c, h, w))  # (B, T*3, S, S)
+        return self.pool(self.frame_embeddings(x))
 
 
 class AudioTower(nn.Module):
@@ -319,23 +373,40 @@ class AudioTower(nn.Module):
 
 
 class PointTower(nn.Module):
-    """PointNet (segmentation-style): a shared per-point MLP on (xyz, rgb, xyz - centroid);
+    """PointNet (segmentation-style) with local geometry: a shared per-point MLP on (xyz, rgb,
+    xyz - centroid) and the offsets to the point's ``k`` nearest neighbours (sorted by
+    distance; the local surface, which tells a sphere from a cube a global max-pool cannot);
     its max-pooled global feature is appended to every point for a second shared MLP, so each
     point is described relative to the whole scene (spread: how many objects); then max and
     mean pooling and an MLP: (B, P, 6) -> (B, D)."""
 
-    def __init__(self, width: int, hidden: int, embed_dim: int):
+    def __init__(self, width: int, hidden: int, embed_dim: int, k: int = 8):
         super().__init__()
         c1, c2 = 4 * width, 8 * width
-        self.local = nn.Sequential(nn.Linear(9, c1), nn.GELU(), nn.Linear(c1, c2), nn.GELU())
-        self.context = nn.Sequential(nn.Linear(2 * c2 + 9, c2), nn.GELU())
+        self.k = k
+        n_in = 9 + 3 * k
+        self.local = nn.Sequential(nn.Linear(n_in, c1), nn.GELU(), nn.Linear(c1, c2), nn.GELU())
+        self.context = nn.Sequential(nn.Linear(2 * c2 + n_in, c2), nn.GELU())
         self.head = nn.Sequential(
             nn.Linear(2 * c2, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
         )
 
+    def neighbour_offsets(self, xyz: torch.Tensor) -> torch.Tensor:
+        """(B, P, 3) -> (B, P, 3k): offsets to the k nearest other points, nearest first."""
+        b, p, _ = xyz.shape
+        k = min(self.k, p - 1)
+        with torch.no_grad():
+            idx = torch.cdist(xyz, xyz).topk(k + 1, dim=-1, largest=False).indices[..., 1:]
+        rows = torch.arange(b, device=xyz.device)[:, None, None]
+        rel = xyz[rows, idx] - xyz[:, :, None, :]  # (B, P, k, 3)
+        if k < self.k:
+            rel = F.pad(rel, (0, 0, 0, self.k - k))
+        return rel.flatten(2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred = x[..., :3] - x[..., :3].mean(dim=1, keepdim=True)  # (B, P, 3)
-        p = torch.cat([x, centred], dim=-1)  # (B, P, 9)
+        xyz = x[..., :3]
+        centred = xyz - xyz.mean(dim=1, keepdim=True)  # (B, P, 3)
+        p = torch.cat([x, centred, self.neighbour_offsets(xyz)], dim=-1)  # (B, P, 9 + 3k)
         f = self.local(p)  # (B, P, c2)
         g = f.amax(dim=1, keepdim=True).expand_as(f)  # (B, P, c2) global context
         f = self.context(torch.cat([p, f, g], dim=-1))  # (B, P, c2)
@@ -379,9 +450,15 @@ class BindLite(nn.Module):
             {
                 Modality.IMAGE.value: ConvTower(3, p.image.size, w, h, d),
                 Modality.TEXT.value: TextTower(len(self.vocab), h, d),
-                Modality.VIDEO.value: VideoTower(p.video.n_frames, p.video.size, w, h, d),
+                Modality.VIDEO.value: VideoTower(
+                    p.video.n_frames,
+                    p.image.size if cfg.video_from_image else p.video.size,
+                    w,
+                    h,
+                    d,
+                ),
                 Modality.AUDIO.value: AudioTower(p.audio.n_mels, p.audio.n_frames, w, h, d),
-                Modality.POINT.value: PointTower(w, h, d),
+                Modality.POINT.value: PointTower(w, h, d, cfg.point_neighbours),
                 Modality.DEPTH.value: ConvTower(1, p.depth.size, w, h, d),
             }
         )
@@ -491,6 +568,14 @@ class BindLite(nn.Module):
             obj["vocab"],
             Preprocessing.from_dict(obj["preprocessing"]),
         )
+        own = model.state_dict()
+        reshaped = [
+            f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})"
+            for k, v in obj["state_dict"].items()
+            if k in own and v.shape != own[k].shape
+        ]
+        if reshaped:
+            raise ValueError(f"{path}: weights of another architecture: {reshaped[:4]}")
         missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
         if missing or unexpected:
             raise ValueError(f"{path}: missing weights {missing}, unexpected weights {unexpected}")
@@ -736,17 +821,23 @@ def _train_stage1(
 
 
 def _train_stage2(
-    model: BindLite, m: Modality, inputs, targets: torch.Tensor, cfg, gen
+    model: BindLite, m: Modality, inputs, targets: torch.Tensor, cfg, gen, render=None
 ) -> list[float]:
-    """Align one modality's tower to frozen image embeddings ``targets`` (N, D)."""
+    """Align one modality's tower to frozen image embeddings ``targets`` (N, D).
+
+    ``render(epoch)``, if given, returns fresh raw samples of the same scenes; it is called
+    every ``cfg.stage2_rerender_every[m]`` epochs (epoch 0 uses ``inputs``, the files)."""
     tower, scale = model.towers[m.value], model.logit_scale[m.value]
     n = len(targets)
     steps = cfg.stage2_epochs * len(_batches(n, cfg.batch_size, torch.Generator().manual_seed(0)))
     opt, sched = _optimiser([*tower.parameters(), scale], cfg, steps)
+    every = cfg.stage2_rerender_every.get(m.value, 0)
     losses = []
-    for _ in tqdm(range(cfg.stage2_epochs), desc=f"stage 2 ({m.value}-image)", leave=False):
+    for epoch in tqdm(range(cfg.stage2_epochs), desc=f"stage 2 ({m.value}-image)", leave=False):
+        if render is not None and every and epoch and epoch % every == 0:
+            inputs = _stage2_inputs(model, m, render(epoch))
         for idx in _batches(n, cfg.batch_size, gen):
-            zm = model.embed(m, inputs(idx))
+            zm = inputs(idx)
             loss = info_nce(zm, targets[idx].to(zm.device), scale, cfg.max_logit_scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -757,13 +848,39 @@ def _train_stage2(
 
 
 def _stage2_inputs(model: BindLite, m: Modality, raw: list):
-    """A function from batch indices to the modality's preprocessed batch. Cheap inputs are
-    preprocessed once; video stays uint8 and is preprocessed per batch (memory)."""
+    """A function from batch indices to the batch's (B, D) unit-norm embeddings (with
+    gradients to the trainable part of the tower). Inputs are preprocessed once; video with a
+    frozen frame CNN is embedded frame by frame once, and only its temporal head runs per
+    step; video with a trainable frame CNN stays uint8 and is preprocessed per batch."""
     if m == Modality.VIDEO:
+        tower = model.towers[m.value]
         clips = np.stack(raw)
-        return lambda idx: model.prep.video(clips[idx.numpy()])
+        if any(p.requires_grad for p in tower.frames.parameters()):
+            return lambda idx: model.embed(m, model.prep.video(clips[idx.numpy()]))
+        with torch.no_grad():
+            frames = torch.cat(
+                [
+                    tower.frame_embeddings(model.prep.video(clips[i : i + 128]).to(model.device))
+                    for i in range(0, len(clips), 128)
+                ]
+            )  # (N, T, D)
+        return lambda idx: F.normalize(tower.pool(frames[idx.to(frames.device)]), dim=-1)
     full = torch.cat([model.preprocess(m, raw[i : i + 512]) for i in range(0, len(raw), 512)])
-    return lambda idx: full[idx]
+    return lambda idx: model.embed(m, full[idx])
+
+
+def _media_renderer(world: World, scenes: Sequence, m: Modality, cfg: EncoderConfig):
+    """``epoch -> list`` of fresh raw ``m`` samples of ``scenes`` (``world.render_media``,
+    the layout the ``media`` readers return; preprocessing then treats them as files)."""
+    attrs = [s.attributes for s in scenes]
+    salt = STAGE2_MODALITIES.index(m) + 1
+
+    def render(epoch: int) -> list:
+        return list(
+            render_media(attrs, m, world.config, np.random.default_rng([cfg.seed, salt, epoch]))
+        )
+
+    return render
 
 
 def _renderer(world: World, scenes: Sequence, files: np.ndarray, cfg: EncoderConfig):
@@ -820,18 +937,67 @@ def train_encoders(
     model.towers[Modality.TEXT.value].requires_grad_(False)
     model.eval()
     targets = model.encode(Modality.IMAGE, list(images.numpy()))
+    _align_stage2(model, world, train, targets, cfg, gen, history, cfg.stage2)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _align_stage2(model, world, train, targets, cfg, gen, history, modalities) -> None:
+    """Stage 2 for ``modalities``: each tower aligned to the frozen image ``targets``."""
+    prep = model.prep
     model.train()
-    for name in cfg.stage2:
+    for name in modalities:
         m = Modality(name)
         t0 = time.perf_counter()
+        if m == Modality.VIDEO and cfg.video_from_image:
+            video = model.towers[m.value]
+            video.frames.load_state_dict(model.towers[Modality.IMAGE.value].state_dict())
+            video.frames.requires_grad_(False)
         raw = load_media(world, train, m, prep)
         if m == Modality.AUDIO:
             mel = prep.audio.log_mel(_pad_stack(raw, prep.audio.n_samples))
             prep.audio.mean, prep.audio.std = float(mel.mean()), float(mel.std())
         inputs = _stage2_inputs(model, m, raw)
-        history[m.value] = _train_stage2(model, m, inputs, targets, cfg, gen)
+        render = _media_renderer(world, train, m, cfg)
+        history[m.value] = _train_stage2(model, m, inputs, targets, cfg, gen, render)
         history[f"{m.value}_s"] = time.perf_counter() - t0
         model.towers[m.value].requires_grad_(False)
+
+
+def realign(
+    encoder: BindLite,
+    world: World,
+    modalities: Sequence[Modality | str],
+    device: torch.device | str = "cpu",
+    history: dict | None = None,
+    **overrides,
+) -> BindLite:
+    """A copy of ``encoder`` whose ``modalities`` towers are re-initialised and aligned again
+    (stage 2 only) with ``overrides`` of its configuration, e.g. ``stage2_epochs=1``: the
+    same image and text towers with weaker (or stronger) alignment of the other modalities,
+    the comparison the visual cache is about. Deterministic for a given seed."""
+    cfg = EncoderConfig(**{**encoder.cfg.to_dict(), **overrides})
+    names = [Modality.parse(m).value for m in modalities]
+    torch.manual_seed(cfg.seed + 1)
+    model = BindLite(cfg, encoder.vocab, copy.deepcopy(encoder.prep)).to(device)
+
+    def realigned(key: str) -> bool:
+        return any(key.startswith(f"towers.{n}.") or key == f"logit_scale.{n}" for n in names)
+
+    state = model.state_dict()  # fresh towers for ``modalities``, the encoder's elsewhere
+    state |= {k: v for k, v in encoder.state_dict().items() if not realigned(k)}
+    model.load_state_dict(state)
+    model.requires_grad_(False)
+    for n in names:
+        model.towers[n].requires_grad_(True)
+        model.logit_scale[n].requires_grad_(True)
+    train = world.split("train")
+    model.eval()
+    targets = model.encode(Modality.IMAGE, load_media(world, train, Modality.IMAGE, model.prep))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    _align_stage2(
+        model, world, train, targets, cfg, gen, history if history is not None else {}, names
+    )
     model.requires_grad_(False)
     return model.eval()
 

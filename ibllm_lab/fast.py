@@ -17,9 +17,10 @@ from Python. ``FastGenerator`` computes the same function with shapes fixed per
 - on CUDA the one-token step is captured once per ``(batch, length)`` as a CUDA graph and
   replayed (``cuda_graph=True``); optionally ``torch.compile`` of that step.
 
-``decode_ids`` is ``generation.generate_ids`` with fewer host round trips (tokens stay on
-the device; "all done?" is read every few steps). ``tests/test_bench.py`` checks that both
-give the plain decoder's tokens (greedy, sampled, EOS, unequal prompts) and its logits.
+Decoding itself is ``generation.iter_tokens``, the one loop for every decoder (the engine is
+a ``generation.Decoder``); ``ImageBindLLM.generate`` uses this engine by default.
+``tests/test_bench.py`` checks that it gives the plain decoder's tokens (greedy, sampled,
+EOS, unequal prompts) and its logits.
 """
 
 from __future__ import annotations
@@ -30,26 +31,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ibllm_lab.generation import Decoder, next_tokens
-from ibllm_lab.llama import KVCache, repeat_kv
+from ibllm_lab.generation import generate_ids
+from ibllm_lab.llama import KVCache, apply_rotary, repeat_kv, rms_norm
 
-__all__ = ["FastGenerator", "decode_ids"]
+__all__ = ["FastGenerator"]
 
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Meta's RMSNorm: normalise in fp32, cast back, then the weight (one op in fp32)."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).type_as(x) * weight
-
-
-def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of adjacent pairs as complex products (Meta's formulation), in fp32:
-    ``x (B, T, heads, hd)``, ``freqs (T, 1, hd / 2)`` complex -> ``(B, T, heads, hd)``."""
-    x32 = x if x.dtype == torch.float32 else x.float()
-    pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))  # (B, T, heads, hd / 2)
-    out = torch.view_as_real(pairs * freqs).flatten(-2)
-    return out if x.dtype == torch.float32 else out.type_as(x)
+# static (batch, length) slots kept at once: each holds a KV cache (at 7B, batch 16 x 512
+# positions: 4 GiB) and a captured graph; generations of other shapes evict the oldest
+MAX_SLOTS = 2
 
 
 def _lora_delta(module: torch.nn.Module, name: str) -> torch.Tensor | None:
@@ -175,7 +164,9 @@ class _Adapters:
 
 class FastGenerator:
     """Static-shape decoding engine bound to one ``ImageBindLLM`` (weights snapshotted at
-    construction when ``pack``; rebuild it after changing the model's weights).
+    construction; rebuild it after changing the model's weights, as
+    ``ImageBindLLM.fast_generator`` does). With static shapes the engine holds one KV cache
+    and adapter buffers per batch size: one generation at a time.
 
     ``pack``: concatenated, LoRA-merged weight copies (default: on CPU only, since at 7B
     the copy costs the model's size again). ``static``: one-token steps attend to the whole
@@ -209,7 +200,7 @@ class FastGenerator:
         self.layers = [_layer(block, self.pack) for block in llama.layers]
         self.embedding, self.output = llama.tok_embeddings.weight, llama.output.weight
         self.norm = llama.norm.weight
-        self.freqs = torch.complex(llama.rope.cos, llama.rope.sin)  # (positions, hd / 2)
+        self.freqs = llama.rope.freqs  # (positions, hd / 2) complex
         self.eps = self.cfg.norm_eps
         self.heads = (self.cfg.n_heads, self.cfg.kv_heads, self.cfg.head_dim)
         self._slots: dict[tuple[int, int], _Slot] = {}
@@ -232,7 +223,7 @@ class FastGenerator:
         """
         B, T = tokens.shape
         h = F.embedding(tokens.reshape(B * T), self.embedding)  # (B * T, dim): 2-D matmuls
-        freqs = self.freqs.index_select(0, pos)[:, None, :]  # (T, 1, hd / 2) complex
+        freqs = self.freqs.index_select(0, pos)  # (T, hd / 2) complex
         n_keys = cache.max_len if end is None else end
         mask = None  # eager, one new token: it sees every key so far
         if end is None or tokens.shape[1] > 1:
@@ -247,20 +238,20 @@ class FastGenerator:
                 j += 1
             h = self._block(layer, h, (B, T), freqs, mask, pos, cache[i], term, prefix, n_keys)
         h = h.view(B, T, -1)[:, -1] if T > 1 else h  # (B, dim)
-        return F.linear(_rms(h, self.norm, self.eps), self.output).float()
+        return F.linear(rms_norm(h, self.norm, self.eps), self.output).float()
 
     def _block(self, layer: _Layer, h, shape, freqs, mask, pos, kv, term, prefix, n_keys):
         """One layer on ``h (B * T, dim)``; ``kv`` the layer's static cache; ``term (B, H, 1,
         hd)`` the precomputed adapter term, or ``prefix (B, query_len, dim)`` adapter tokens."""
         B, T = shape
         n_heads, kv_heads, head_dim = self.heads
-        x = _rms(h, layer.attn_norm, self.eps)
+        x = rms_norm(h, layer.attn_norm, self.eps)
         if len(layer.qkv) == 1:  # packed: one matmul gives q|k and v
             qk, v = layer.qkv[0](x)
         else:
             q, k, v = (proj(x)[0] for proj in layer.qkv)
             qk = torch.cat([q, k], dim=-1)
-        qk = _rotate(qk.view(B, T, n_heads + kv_heads, head_dim), freqs)
+        qk = apply_rotary(qk.view(B, T, n_heads + kv_heads, head_dim), freqs)
         q, k = qk.split([n_heads, kv_heads], dim=2)
         kv.k.index_copy_(2, pos, k.transpose(1, 2))  # (B, Hkv, L, hd)
         kv.v.index_copy_(2, pos, v.view(B, T, kv_heads, head_dim).transpose(1, 2))
@@ -273,22 +264,20 @@ class FastGenerator:
         elif prefix is not None:
             out = out + layer.attention.adapter_output(q, prefix)
         h = h + layer.wo(out.transpose(1, 2).reshape(B * T, -1))[0]
-        x = _rms(h, layer.ffn_norm, self.eps)
+        x = rms_norm(h, layer.ffn_norm, self.eps)
         a, b = layer.w13[0](x) if len(layer.w13) == 1 else (p(x)[0] for p in layer.w13)
         return h + layer.w2(F.silu(a) * b)[0]
 
     # -- per-generation state ------------------------------------------------------------------
     @torch.inference_mode()
     def set_features(self, v: torch.Tensor) -> _Adapters:
-        """Bound features ``v (B, dim)`` -> static adapter buffers for batch size B."""
+        """Bound features ``v (B, dim)`` -> the adapter buffers for batch size B (with static
+        shapes the same buffers every time, which a captured graph reads)."""
         tokens = self.model.adapter_tokens(v)  # (query_layer, B, query_len, dim)
         gated_terms = self.model.adapter_cfg.injection in ("gated", "ungated")
-        injected = [layer for layer in self.layers if layer.injected]
-        terms = (
-            [layer.attention.adapter_output(None, tokens[j]) for j, layer in enumerate(injected)]
-            if gated_terms
-            else []
-        )
+        terms = list(self.model.llama.adapter_terms(tokens)) if gated_terms else []
+        if not self.static:  # fresh buffers: decoders of one engine may run side by side
+            return _Adapters(tokens, terms)
         slot = self._adapters.get(v.shape[0])
         if slot is None or slot.tokens.shape != tokens.shape:
             slot = self._adapters[v.shape[0]] = _Adapters(
@@ -301,8 +290,13 @@ class FastGenerator:
         return slot
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A KV cache; with static shapes the one of the ``(batch_size, max_len)`` slot."""
+        if not self.static:
+            return self.model.llama.new_cache(batch_size, max_len)
         key = (batch_size, max_len)
         if key not in self._slots:
+            while len(self._slots) >= MAX_SLOTS:  # the oldest slot's cache and graph go
+                del self._slots[next(iter(self._slots))]
             cache = self.model.llama.new_cache(batch_size, max_len)
             device = cache.layers[0].k.device
             self._slots[key] = _Slot(
@@ -317,11 +311,11 @@ class FastGenerator:
         self, tokens: torch.Tensor, start_pos: int, cache: KVCache, adapters: _Adapters
     ) -> torch.Tensor:
         """Feed ``tokens (B, T)`` at ``start_pos``; fp32 logits of the last position ``(B, V)``."""
-        slot = self._slots[(tokens.shape[0], cache.max_len)]
         if tokens.shape[1] > 1 or not self.static:
             end = start_pos + tokens.shape[1]
             pos = torch.arange(start_pos, end, device=tokens.device)
             return self._forward(tokens, pos, cache, adapters, end)
+        slot = self._slots[(tokens.shape[0], cache.max_len)]
         slot.token.copy_(tokens)
         slot.pos.fill_(start_pos)
         if not self.cuda_graph:
@@ -385,7 +379,7 @@ class FastGenerator:
         out: list[list[int]] = []
         for start in range(0, len(prompts), step):
             v = model.bind(feats[start : start + step].to(model.device))
-            out += decode_ids(self.decoder(v), prompts[start : start + step], **options)
+            out += generate_ids(self.decoder(v), prompts[start : start + step], **options)
         return out
 
 
@@ -400,73 +394,3 @@ class _BoundDecoder:
 
     def decode_step(self, tokens: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
         return self.engine.decode_step(tokens, start_pos, cache, self.adapters)
-
-
-def _check_prompts(prompts: Sequence[Sequence[int]], max_seq_len: int, max_gen_len: int) -> None:
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("need at least one prompt, each with at least one token (BOS)")
-    if max(len(p) for p in prompts) >= max_seq_len:
-        raise ValueError(
-            f"a prompt has {max(len(p) for p in prompts)} tokens; max_seq_len is {max_seq_len}"
-        )
-    if max_gen_len < 0:
-        raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
-
-
-def decode_ids(
-    decoder: Decoder,
-    prompts: Sequence[Sequence[int]],
-    *,
-    eos_id: int,
-    max_seq_len: int,
-    max_gen_len: int = 256,
-    temperature: float = 0.1,
-    top_p: float = 0.75,
-    seed: int | None = None,
-    sync_every: int = 8,
-) -> list[list[int]]:
-    """``generation.generate_ids`` with the same tokens and fewer host round trips.
-
-    The same left-aligned buffer, teacher forcing, sampling calls (so the same random
-    draws) and per-sample stop at EOS or ``max_gen_len``; but tokens stay on the device until
-    the end, and whether every sample is done is read only every ``sync_every`` steps (the
-    few extra steps after that change no output). On a GPU the host then queues steps ahead
-    of the device instead of waiting for each.
-    """
-    _check_prompts(prompts, max_seq_len, max_gen_len)
-    lengths = [len(p) for p in prompts]
-    total_len = min(max_seq_len, max_gen_len + max(lengths))
-    cache = decoder.new_cache(len(prompts), total_len)
-    device = cache.layers[0].k.device
-    tokens = torch.zeros((len(prompts), total_len), dtype=torch.long, device=device)
-    for i, prompt in enumerate(prompts):
-        tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
-    lengths_t = torch.tensor(lengths, device=device)
-    in_prompt = torch.arange(total_len, device=device)[None, :] < lengths_t[:, None]  # (B, L)
-    done = lengths_t >= total_len
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
-    prev, first = 0, min(lengths)
-    for cur in range(first, total_len if max_gen_len > 0 else first):
-        if (cur - first) % sync_every == 0 and bool(done.all()):
-            break
-        chosen = next_tokens(decoder.decode_step(tokens[:, prev:cur], prev, cache), temperature,
-                             top_p, generator)  # fmt: skip
-        if cur < max(lengths):  # teacher forcing inside longer prompts
-            chosen = torch.where(in_prompt[:, cur], tokens[:, cur], chosen)
-        tokens[:, cur] = chosen
-        done |= ~in_prompt[:, cur] & (chosen == eos_id)
-        done |= cur + 1 - lengths_t >= max_gen_len
-        prev = cur
-    return [
-        _generated(row, n, max_gen_len, eos_id)
-        for row, n in zip(tokens.tolist(), lengths, strict=True)
-    ]
-
-
-def _generated(row: list[int], start: int, max_gen_len: int, eos_id: int) -> list[int]:
-    """A sample's generated tokens: after its prompt, at most ``max_gen_len``, before EOS."""
-    out = row[start : start + max_gen_len]
-    return out[: out.index(eos_id)] if eos_id in out else out

@@ -8,8 +8,14 @@ decoding. Each sample stops at its own EOS or after ``max_gen_len`` tokens; the 
 when all have. ``temperature == 0`` is greedy; otherwise softmax(logits / temperature) and
 nucleus (top-p) sampling with a seeded ``torch.Generator``.
 
-The model side is any ``Decoder``: ``Llama`` itself, or the feature-conditioned decoder that
-``ImageBindLLM`` builds.
+There is one loop, ``iter_tokens``. Tokens stay on the device; every ``sync_every`` steps one
+transfer brings the new ones to the host, which decides what they mean (prompt, generated,
+EOS, limit) and whether every sample is done, so on a GPU the host can queue steps ahead.
+Streaming uses ``sync_every=1``; ``generate_ids`` and non-streaming text use ``SYNC_EVERY``:
+the few steps run after the last sample finished change no output.
+
+The model side is any ``Decoder``: ``Llama`` itself, ``ImageBindLLM``'s feature-conditioned
+decoder or ``fast.FastGenerator``'s.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from ibllm_lab.llama import KVCache
 
 __all__ = [
+    "SYNC_EVERY",
     "Decoder",
     "sample_top_p",
     "next_tokens",
@@ -32,6 +39,7 @@ __all__ = [
 ]
 
 StreamCallback = Callable[[int, str], None]
+SYNC_EVERY = 8  # decoding steps between host transfers when nothing streams
 
 
 class Decoder(Protocol):
@@ -116,12 +124,24 @@ def iter_tokens(
     temperature: float = 0.1,
     top_p: float = 0.75,
     seed: int | None = None,
+    sync_every: int = 1,
 ) -> Iterator[tuple[int, int]]:
     """Yield ``(sample_index, token_id)`` for each generated token (EOS excluded), in
-    decoding order. Model calls run under ``torch.no_grad``."""
+    decoding order (step by step, samples in order within a step), ``sync_every`` steps at
+    a time. Model calls run under ``torch.no_grad``.
+
+    Only the tokens live on the device; which of them count (after the sample's prompt,
+    before its EOS, at most ``max_gen_len``) is decided on the host as they are read back.
+    """
     _check_options(prompts, max_seq_len, max_gen_len, temperature, top_p)
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
     lengths = [len(p) for p in prompts]
-    total_len = min(max_seq_len, max_gen_len + max(lengths))
+    longest, first = max(lengths), min(lengths)
+    total_len = min(max_seq_len, max_gen_len + longest)
+    finished = [n >= total_len or max_gen_len == 0 for n in lengths]
+    if all(finished):
+        return
     cache = decoder.new_cache(len(prompts), total_len)
     device = cache.layers[0].k.device
     tokens = torch.zeros((len(prompts), total_len), dtype=torch.long, device=device)
@@ -129,36 +149,52 @@ def iter_tokens(
         tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
     lengths_t = torch.tensor(lengths, device=device)
     in_prompt = torch.arange(total_len, device=device)[None, :] < lengths_t[:, None]  # (B, L)
-    done = lengths_t >= total_len  # no room left to generate
-    n_generated = torch.zeros_like(lengths_t)
     generator = _generator(device, seed) if temperature > 0 else None
-    prev = 0
-    if max_gen_len == 0 or bool(done.all()):
-        return
-    for cur in range(min(lengths), total_len):
+    prev, synced = 0, first
+    for cur in range(first, total_len):
         with torch.no_grad():
             logits = decoder.decode_step(tokens[:, prev:cur], prev, cache)  # (B, V)
             chosen = next_tokens(logits, temperature, top_p, generator)
-        chosen = torch.where(in_prompt[:, cur], tokens[:, cur], chosen)  # teacher forcing
+        if cur < longest:  # teacher forcing inside longer prompts
+            chosen = torch.where(in_prompt[:, cur], tokens[:, cur], chosen)
         tokens[:, cur] = chosen
-        generated = ~in_prompt[:, cur] & ~done
-        is_eos = generated & (chosen == eos_id)
-        n_generated += generated.long()
-        done |= is_eos | (n_generated >= max_gen_len)
-        # one device-to-host transfer per step: tokens, which to emit, which are done
-        values, emit, finished = torch.stack((chosen, generated & ~is_eos, done)).tolist()
-        for i, (token, flag) in enumerate(zip(values, emit, strict=True)):
-            if flag:
-                yield i, token
-        if all(finished):
-            return
         prev = cur
+        if cur + 1 - synced == sync_every or cur + 1 == total_len:
+            block = tokens[:, synced : cur + 1].tolist()  # one device-to-host transfer
+            yield from _accept(block, synced, lengths, finished, eos_id, max_gen_len)
+            if all(finished):
+                return
+            synced = cur + 1
 
 
-def generate_ids(decoder: Decoder, prompts: Sequence[Sequence[int]], **options) -> list[list[int]]:
+def _accept(
+    block: list[list[int]],
+    start: int,
+    lengths: list[int],
+    finished: list[bool],
+    eos_id: int,
+    max_gen_len: int,
+) -> Iterator[tuple[int, int]]:
+    """Yield the generated tokens of positions ``start ..`` (``block``: one row per sample),
+    step by step, marking samples ``finished`` at EOS or ``max_gen_len``."""
+    for t in range(len(block[0])):
+        position = start + t
+        for i, row in enumerate(block):
+            if finished[i] or position < lengths[i]:
+                continue
+            if row[t] == eos_id:
+                finished[i] = True
+                continue
+            yield i, row[t]
+            finished[i] = position + 1 - lengths[i] >= max_gen_len
+
+
+def generate_ids(
+    decoder: Decoder, prompts: Sequence[Sequence[int]], *, sync_every: int = SYNC_EVERY, **options
+) -> list[list[int]]:
     """Generated token ids per prompt (EOS excluded). Options as ``iter_tokens``."""
     out: list[list[int]] = [[] for _ in prompts]
-    for i, token in iter_tokens(decoder, prompts, **options):
+    for i, token in iter_tokens(decoder, prompts, sync_every=sync_every, **options):
         out[i].append(token)
     return out
 
@@ -213,6 +249,7 @@ def generate_text(
     """Decoded generations (up to, excluding, EOS), one per prompt. ``stream(sample_index,
     text_piece)`` is called as text arrives. Options as ``iter_tokens``."""
     options.setdefault("eos_id", tokenizer.eos_id)
+    options.setdefault("sync_every", 1 if stream is not None else SYNC_EVERY)
     streams = [_TextStream(tokenizer) for _ in prompts]
     for i, token in iter_tokens(decoder, prompts, **options):
         piece = streams[i].push(token)

@@ -3,7 +3,8 @@
 ``ImageBindLLM`` is the trainable network of ``adapter.py`` plus the plumbing around it: the
 tokenizer, an optional frozen ``Encoder`` (with none attached, inputs are encoder
 embeddings), an optional ``VisualCache``, the training loss and batched generation with the
-reference's call signature.
+reference's call signature. Generation runs on ``fast.FastGenerator`` by default
+(``fast=False``: the model's own modules); both go through ``generation.py``'s one loop.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 
 from ibllm_lab.adapter import ImageBindAdapter
 from ibllm_lab.config import AdapterConfig, LlamaConfig
-from ibllm_lab.generation import generate_ids, generate_text, iter_text
-from ibllm_lab.llama import Device, KVCache
+from ibllm_lab.fast import FastGenerator
+from ibllm_lab.generation import Decoder, generate_ids, generate_text, iter_text
+from ibllm_lab.llama import DerivedCache, Device, KVCache
 from ibllm_lab.modality import Encoder, Inputs, VisualCache, fuse, split_inputs
 from ibllm_lab.tokenizer import Tokenizer
 
@@ -92,6 +94,7 @@ class ImageBindLLM(ImageBindAdapter):
         self.tokenizer = tokenizer
         # a plain dict keeps the frozen encoder / cache out of the module tree and state dict
         self._attached: dict[str, Any] = {"encoder": encoder, "cache": cache}
+        self._fast = DerivedCache()  # the FastGenerator of the current weights
         if tokenizer is not None and tokenizer.n_words != llama_cfg.vocab_size:
             raise ValueError(
                 f"tokenizer has {tokenizer.n_words} words, the LLaMA's vocab_size is "
@@ -184,16 +187,27 @@ class ImageBindLLM(ImageBindAdapter):
         self, tokens: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Next-token cross-entropy; label 0 marks prompt / padding positions (ignored).
-        ``tokens, labels (B, T)``; returns a scalar (0 with a graph if nothing is labelled)."""
+        ``tokens, labels (B, T)``; returns a scalar (0 with a graph if nothing is labelled).
+
+        Equal to ``cross_entropy(logits(tokens, feats)[:, :-1], labels[:, 1:],
+        ignore_index=0)`` (``tests/test_model.py`` checks loss and gradients), computed with
+        less work: positions after the last labelled one feed no prediction (attention is
+        causal) and are not run, and the output head and softmax run only where there is a
+        label.
+        """
         if tokens.shape != labels.shape:
             raise ValueError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)}")
-        logits = self.logits(tokens, feats)[:, :-1]  # position t predicts token t + 1
-        targets = labels[:, 1:]
-        if not bool((targets != 0).any()):
-            return logits.mean() * 0
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=0
-        )
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        labelled = targets != 0  # (B, T - 1)
+        columns = labelled.any(0).nonzero()
+        if len(columns) == 0:
+            return self.logits(tokens[:, :1], feats).mean() * 0
+        end = int(columns[-1]) + 1  # positions 0 .. end - 1 predict a label
+        v = self.bind(self._features(feats, tokens.shape[0]))  # (B, dim)
+        h = self.hidden(tokens[:, :end], v)  # (B, end, dim)
+        picked = labelled[:, :end]
+        logits = self.llama.head(h[picked]).float()  # (n_labels, vocab)
+        return F.cross_entropy(logits, targets[:, :end][picked])
 
     # -- generation -------------------------------------------------------------------------
     def _prompt_ids(self, prompts: Prompts) -> list[list[int]]:
@@ -209,9 +223,22 @@ class ImageBindLLM(ImageBindAdapter):
                 out.append([int(t) for t in p])
         return out
 
+    def fast_generator(self) -> FastGenerator | None:
+        """The ``FastGenerator`` of the current weights (rebuilt after they change; None for
+        ``input_token``, which it does not support)."""
+        if self.adapter_cfg.injection == "input_token":
+            return None
+        return self._fast.get(list(self.parameters()), lambda: FastGenerator(self))
+
+    def decoder(self, v: torch.Tensor, fast: bool = True) -> Decoder:
+        """The ``generation.Decoder`` of one batch conditioned on bound features ``v (B,
+        dim)``: ``FastGenerator``'s where ``fast`` and supported, else the model's modules."""
+        engine = self.fast_generator() if fast else None
+        return _FeatureDecoder(self, v) if engine is None else engine.decoder(v)
+
     def _batches(
-        self, feats: torch.Tensor | None, prompts: Prompts
-    ) -> Iterator[tuple[int, _FeatureDecoder, list[list[int]]]]:
+        self, feats: torch.Tensor | None, prompts: Prompts, fast: bool
+    ) -> Iterator[tuple[int, Decoder, list[list[int]]]]:
         """Split into chunks of ``max_batch_size``: ``(offset, decoder, prompt_ids)``."""
         ids = self._prompt_ids(prompts)
         feats = self._features(feats, len(ids))
@@ -219,7 +246,7 @@ class ImageBindLLM(ImageBindAdapter):
         for start in range(0, len(ids), step):
             with torch.no_grad():
                 v = self.bind(feats[start : start + step])
-            yield start, _FeatureDecoder(self, v), ids[start : start + step]
+            yield start, self.decoder(v, fast), ids[start : start + step]
 
     def _options(
         self,
@@ -251,15 +278,17 @@ class ImageBindLLM(ImageBindAdapter):
         top_p: float = 0.75,
         stream: Callable[[int, str], None] | None = None,
         seed: int | None = None,
+        fast: bool = True,
     ) -> list[str]:
         """Generate from features ``(B, encoder_dim)`` (one row is broadcast; None:
         text-only). ``prompts``: formatted strings (BOS is added) or token-id lists.
-        ``stream(sample_index, text_piece)`` receives text as it is generated."""
+        ``stream(sample_index, text_piece)`` receives text as it is generated. ``fast``:
+        decode with ``FastGenerator`` (False: the model's own modules; same tokens)."""
         if self.tokenizer is None:
             raise ValueError("text generation needs a tokenizer")
         options = self._options(max_gen_len, temperature, top_p, seed)
         out: list[str] = []
-        for offset, decoder, ids in self._batches(feats, prompts):
+        for offset, decoder, ids in self._batches(feats, prompts, fast):
             chunk_stream = None if stream is None else partial(_shifted, stream, offset)
             out += generate_text(decoder, self.tokenizer, ids, chunk_stream, **options)
         return out
@@ -276,16 +305,18 @@ class ImageBindLLM(ImageBindAdapter):
         cache_weight: float = 0.5,
         stream: Callable[[int, str], None] | None = None,
         seed: int | None = None,
+        fast: bool = True,
     ) -> list[str]:
         """The reference's call: ``inputs`` ``{'Image': [tensor, weight], ...}`` (None:
         text-only), ``prompts`` already formatted. Batched, KV-cached; temperature 0 is
-        greedy. Returns the generated text of each prompt, up to EOS."""
+        greedy. Returns the generated text of each prompt, up to EOS. ``fast=False``
+        decodes with the model's own modules instead of ``FastGenerator``."""
         feats = None
         if inputs is not None:
             with torch.no_grad():
                 feats = self.encode_inputs(inputs, cache_size, cache_t, cache_weight)
         return self.generate_from_feats(
-            feats, prompts, max_gen_len, temperature, top_p, stream=stream, seed=seed
+            feats, prompts, max_gen_len, temperature, top_p, stream=stream, seed=seed, fast=fast
         )
 
     def stream_from_feats(
@@ -296,12 +327,13 @@ class ImageBindLLM(ImageBindAdapter):
         temperature: float = 0.1,
         top_p: float = 0.75,
         seed: int | None = None,
+        fast: bool = True,
     ) -> Iterator[tuple[int, str]]:
         """Iterator form of ``generate_from_feats``: yields ``(sample_index, text_piece)``."""
         if self.tokenizer is None:
             raise ValueError("text generation needs a tokenizer")
         options = self._options(max_gen_len, temperature, top_p, seed)
-        for offset, decoder, ids in self._batches(feats, prompts):
+        for offset, decoder, ids in self._batches(feats, prompts, fast):
             for i, piece in iter_text(decoder, self.tokenizer, ids, **options):
                 yield offset + i, piece
 
@@ -314,11 +346,12 @@ class ImageBindLLM(ImageBindAdapter):
         top_p: float = 0.75,
         seed: int | None = None,
         eos_id: int | None = None,
+        fast: bool = True,
     ) -> list[list[int]]:
         """Generated token ids per prompt (EOS excluded); works without a tokenizer when
-        prompts are token ids and ``eos_id`` is given."""
+        prompts are token ids and ``eos_id`` is given. ``fast`` as ``generate_from_feats``."""
         options = self._options(max_gen_len, temperature, top_p, seed, eos_id)
         out: list[list[int]] = []
-        for _, decoder, ids in self._batches(feats, prompts):
+        for _, decoder, ids in self._batches(feats, prompts, fast):
             out += generate_ids(decoder, ids, **options)
         return out

@@ -6,7 +6,11 @@
   output is ``base(x) + l2(l1(x))`` with no scaling factor.
 
 Both extend ``llama.py`` by subclassing (``PEFTAttention``, ``PEFTFeedForward``,
-``PEFTBlock``); at initialisation the model equals the plain LLaMA.
+``PEFTBlock``); at initialisation the model equals the plain LLaMA. When a projection and its
+LoRA pair are all frozen fp32 (pre-training, inference on CPU), ``base(x) + l2(l1(x))`` is
+computed as one matmul with the merged weight ``W + l2 @ l1``, a copy kept in a
+``DerivedCache`` (the state dict is unchanged; half-precision weights are never merged:
+rounding ``W + BA`` to 8 bits of mantissa would swamp the LoRA term).
 
 Which parameters train is an explicit, named filter per phase (``PHASE_PATTERNS``), tested
 by its exact key set.
@@ -19,10 +23,11 @@ from collections.abc import Iterable
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ibllm_lab.config import LlamaConfig
-from ibllm_lab.llama import Attention, Device, FeedForward, Llama, TransformerBlock
+from ibllm_lab.llama import Attention, DerivedCache, Device, FeedForward, Llama, TransformerBlock
 
 __all__ = [
     "ATTENTION_BIASES",
@@ -56,12 +61,27 @@ def _add_lora(module: nn.Module, names: Iterable[str], rank: int, device: Device
         setattr(module, f"lora_{name}_l2", up)
 
 
+def _mergeable(*weights: torch.Tensor) -> bool:
+    """Frozen fp32 weights (merging rounds ``W + BA`` once; in half precision that loses the
+    LoRA term). Under ``torch.compile`` the plain form is left to the compiler."""
+    return (
+        all(w.dtype == torch.float32 and not w.requires_grad for w in weights)
+        and not torch.compiler.is_compiling()
+    )
+
+
 def _project_with_lora(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    out = getattr(module, name)(x)
-    if module.lora_rank:
-        up, down = getattr(module, f"lora_{name}_l2"), getattr(module, f"lora_{name}_l1")
-        out = out + up(down(x))
-    return out
+    """``base(x) + l2(l1(x))``; one matmul with the cached merged weight when all frozen."""
+    base = getattr(module, name)
+    if not module.lora_rank:
+        return base(x)
+    down = getattr(module, f"lora_{name}_l1").weight  # (rank, in)
+    up = getattr(module, f"lora_{name}_l2").weight  # (out, rank)
+    if _mergeable(base.weight, down, up):
+        cache = module.merged.setdefault(name, DerivedCache())
+        weight = cache.get((base.weight, down, up), lambda: base.weight + up @ down)
+        return F.linear(x, weight, base.bias)
+    return base(x) + F.linear(F.linear(x, down), up)
 
 
 class PEFTAttention(Attention):
@@ -77,6 +97,7 @@ class PEFTAttention(Attention):
     ):
         super().__init__(cfg, ATTENTION_BIASES if w_bias else (), device, dtype)
         self.lora_rank = lora_rank
+        self.merged: dict[str, DerivedCache] = {}  # projection -> W + l2 @ l1 while frozen
         if lora_rank:
             _add_lora(self, ATTENTION_LORA, lora_rank, device, dtype)
 
@@ -98,6 +119,7 @@ class PEFTFeedForward(FeedForward):
     ):
         super().__init__(dim, hidden, FFN_BIASES if w_bias else (), device, dtype)
         self.lora_rank = lora_rank
+        self.merged: dict[str, DerivedCache] = {}  # projection -> W + l2 @ l1 while frozen
         if lora_rank:
             _add_lora(self, FFN_LORA, lora_rank, device, dtype)
 

@@ -175,23 +175,46 @@ def grouped_bars(
 ):
     """Bars of ``{group: {series: value}}``: one cluster per group, one bar per series."""
     plt = _plt()
+    n_series = len({s for v in values.values() for s in v})
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(values) * max(1, n_series) / 2), 3.6))
+    _bars(ax, values, title, ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    fig.tight_layout()
+    return fig
+
+
+def bar_panels(panels: Mapping[str, Mapping[str, Mapping[str, float]]], title: str = ""):
+    """One grouped-bar panel per entry of ``{panel title: {group: {series: value}}}``, side
+    by side (e.g. one panel per benchmark metric, one cluster per variant, one bar per
+    evaluation condition); a series keeps its colour across panels."""
+    plt = _plt()
+    n_groups = max((len(v) for v in panels.values()), default=1)
+    width = max(4.5, 0.45 * n_groups + 1.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], panels.items(), strict=True):
+        _bars(ax, values, name, "")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _bars(ax, values: Mapping[str, Mapping[str, float]], title: str, ylabel: str) -> None:
+    """Draw ``{group: {series: value}}`` on ``ax``: clusters of bars, series sorted by name
+    (so colours follow names), a legend when there is more than one series."""
     groups = list(values)
     series = sorted({s for v in values.values() for s in v})
     width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(groups) * max(1, len(series)) / 2), 3.6))
     x = np.arange(len(groups))
     for i, name in enumerate(series):
         heights = [values[g].get(name, np.nan) for g in groups]
         ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=name)
     ax.set_xticks(x, groups, rotation=30, ha="right")
     ax.set(title=title, ylabel=ylabel)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
     if len(series) > 1:
         ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return fig
 
 
 # ----------------------------------------------------------------------------- projections

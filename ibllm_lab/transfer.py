@@ -66,6 +66,11 @@ class TransferConfig:
     # weaker alignment, simulated: (modality, noise) adds a random direction of norm
     # ``noise`` to each unit embedding and re-normalises (then with and without the cache)
     degraded: tuple[tuple[str, float], ...] = (("Audio", 1.0), ("Point", 1.0))
+    # weaker alignment, real: ``weak_modalities`` re-aligned to the same image tower with
+    # ``weak_stage2_epochs`` stage-2 epochs (``encoders.realign``; BindLite encoders only;
+    # 0 = off), then evaluated with and without the cache as "<modality> (weak encoder)"
+    weak_modalities: tuple[str, ...] = ("Audio", "Point")
+    weak_stage2_epochs: int = 1
     cache_size: int = 10
     cache_t: float = 20.0
     cache_weight: float = 0.5
@@ -86,6 +91,9 @@ class TransferConfig:
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"split {self.split!r}: expected train, val or test")
         self.degraded = tuple((Modality.parse(m).value, float(n)) for m, n in self.degraded)
+        self.weak_modalities = tuple(Modality.parse(m).value for m in self.weak_modalities)
+        if self.weak_stage2_epochs < 0:
+            raise ValueError(f"weak_stage2_epochs must be >= 0: {self.weak_stage2_epochs}")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> TransferConfig:
@@ -336,6 +344,20 @@ def degrade(feats: torch.Tensor, noise: float, seed: int = 0) -> torch.Tensor:
     return F.normalize(F.normalize(feats.float(), dim=-1) + noise * u, dim=-1)
 
 
+def _scene_features(
+    encoder: Any, world: Any, scenes: Sequence[Any], modalities: Sequence[str], feature_dir
+) -> dict[str, torch.Tensor]:
+    """``{modality: (len(scenes), D)}`` features through the on-disk cache in ``feature_dir``."""
+    from ibllm_lab.encoders import compute_features
+
+    out = {}
+    for m in dict.fromkeys(modalities):
+        ids, all_feats = compute_features(encoder, world, m, feature_dir)
+        row = {sid: k for k, sid in enumerate(ids)}
+        out[m] = all_feats[torch.tensor([row[s.id] for s in scenes])].float()
+    return out
+
+
 def evaluate_transfer(
     model: Any,
     world: Any,
@@ -343,33 +365,39 @@ def evaluate_transfer(
     feature_dir: str | Path,
     cfg: TransferConfig | None = None,
     cache: Any = None,
+    weak_encoder: Any = None,
 ) -> pd.DataFrame:
     """Every condition of the experiment for a trained ``model`` (an ``ImageBindLLM``).
 
     ``encoder``'s features of every scene are read through the on-disk cache in
     ``feature_dir`` (``compute_features``); ``cache`` (a ``VisualCache``, e.g. a
-    ``FaissCache`` over the train scenes' image features) adds the "with cache" rows.
+    ``FaissCache`` over the train scenes' image features) adds the "with cache" rows;
+    ``weak_encoder`` (same image tower, weaker alignment of ``cfg.weak_modalities``, see
+    ``encoders.realign``) adds "<modality> (weak encoder)" rows (features cached in
+    ``feature_dir/weak``).
     """
-    from ibllm_lab.encoders import compute_features
-
     cfg = cfg or TransferConfig()
     scenes = world.split(cfg.split)[: cfg.n_scenes]
     if len(scenes) < 2:
         raise ValueError(f"split {cfg.split!r} has {len(scenes)} scenes; need >= 2")
     probes = build_probes(scenes, cfg.seed)
-    feats: dict[str, torch.Tensor] = {}
-    for m in dict.fromkeys([*cfg.modalities, *cfg.mix]):
-        ids, all_feats = compute_features(encoder, world, m, feature_dir)
-        row = {sid: k for k, sid in enumerate(ids)}
-        feats[m] = all_feats[torch.tensor([row[s.id] for s in scenes])].float()
+    feats = _scene_features(encoder, world, scenes, [*cfg.modalities, *cfg.mix], feature_dir)
     rows = []
     t0 = time.perf_counter()
-    conditions = [(m, feats[m], 0.0) for m in cfg.modalities]
-    conditions += [(m, degrade(feats[m], noise, cfg.seed), noise) for m, noise in cfg.degraded]
-    for m, f_m, noise in conditions:
+    conditions = [(m, "", feats[m], 0.0) for m in cfg.modalities]
+    conditions += [
+        (m, f" (noise {noise:g})", degrade(feats[m], noise, cfg.seed), noise)
+        for m, noise in cfg.degraded
+    ]
+    if weak_encoder is not None:
+        weak = _scene_features(
+            weak_encoder, world, scenes, cfg.weak_modalities, Path(feature_dir) / "weak"
+        )
+        conditions += [(m, " (weak encoder)", weak[m], 0.0) for m in cfg.weak_modalities]
+    for m, label, f_m, noise in conditions:
         for use_cache in (False, True) if cache is not None else (False,):
             f = cache(f_m, cfg.cache_size, cfg.cache_t, cfg.cache_weight) if use_cache else f_m
-            name = m + (f" (noise {noise:g})" if noise else "") + (" + cache" if use_cache else "")
+            name = m + label + (" + cache" if use_cache else "")
             cond = {
                 "condition": name,
                 "modality": m,
@@ -404,6 +432,28 @@ def train_cache(world: Any, encoder: Any, feature_dir: str | Path, kind: str = "
     train = {s.id for s in world.split("train")}
     rows = torch.tensor([k for k, i in enumerate(ids) if i in train])
     return FaissCache.build(feats[rows].float(), kind=kind)
+
+
+def weak_encoder(world: Any, encoder: Any, cfg: TransferConfig, device="cpu") -> Any:
+    """The weaker-alignment encoder of ``cfg`` (``encoders.realign`` of
+    ``cfg.weak_modalities`` with ``cfg.weak_stage2_epochs``; its image features equal
+    ``encoder``'s, which is checked), or None when off or ``encoder`` is not a BindLite."""
+    from ibllm_lab.encoders import BindLite, load_media, realign
+
+    if not cfg.weak_stage2_epochs or not isinstance(encoder, BindLite):
+        return None
+    weak = realign(
+        encoder,
+        world,
+        cfg.weak_modalities,
+        device,
+        stage2_epochs=cfg.weak_stage2_epochs,
+        stage2_rerender_every={},
+    )
+    probe = load_media(world, world.scenes[:8], Modality.IMAGE, encoder.prep)
+    if not torch.equal(encoder.encode(Modality.IMAGE, probe), weak.encode(Modality.IMAGE, probe)):
+        raise RuntimeError("realign changed the image tower; the comparison would be invalid")
+    return weak
 
 
 def run_transfer(
@@ -445,7 +495,8 @@ def run_transfer(
     feature_dir = Path(train_dir or out_dir / "train") / "features"
     model = load(trained.llama_dir, trained.finetune, device=device, max_batch_size=128)
     cache = train_cache(world, encoder, feature_dir)
-    df = evaluate_transfer(model, world, encoder, feature_dir, cfg, cache)
+    weak = weak_encoder(world, encoder, cfg, device)
+    df = evaluate_transfer(model, world, encoder, feature_dir, cfg, cache, weak)
     check = step0_check(trained.llama_dir, model.adapter_cfg, device)
     df = pd.concat(
         [

@@ -291,6 +291,10 @@ class WorldConfig:
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     instructions_per_scene: int = 2
     n_alpaca: int = 600
+    # share of attribute, yes/no and multiple-choice questions in the instruction data that
+    # end with LLaVA-1.5's post-prompt (``LLAVA_POST_PROMPTS``), so that a model trained on
+    # the world also follows the wording benchmark harnesses add
+    post_prompt_fraction: float = 0.3
 
     def __post_init__(self) -> None:
         if isinstance(self.difficulty, str):
@@ -317,6 +321,10 @@ class WorldConfig:
         self.split_fractions = fr
         if not 0.0 <= self.heldout_fraction < 0.5:
             raise ValueError(f"heldout_fraction must be in [0, 0.5), got {self.heldout_fraction}")
+        if not 0.0 <= self.post_prompt_fraction <= 1.0:
+            raise ValueError(
+                f"post_prompt_fraction must be in [0, 1], got {self.post_prompt_fraction}"
+            )
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> WorldConfig:
@@ -842,12 +850,33 @@ def make_question(
         letters = "ABCD"[: len(opts)]
         lines = "\n".join(f"{letter}. {o}" for letter, o in zip(letters, opts, strict=True))
         stem = _ATTR_QUESTIONS[attr].format(medium=medium)
-        q = f"{stem}\n{lines}\nAnswer with the option's letter."
+        q = f"{stem}\n{lines}{CHOICE_SUFFIX}"
         return attr, q, letters[opts.index(value)]
     raise ValueError(f"unknown question kind {kind!r}")
 
 
 QUESTION_KINDS = ("attribute", "yesno", "choice", "describe")
+CHOICE_SUFFIX = "\nAnswer with the option's letter."
+# LLaVA-1.5's post-prompts, as benchmark harnesses (lmms-eval) add them: per question kind,
+# (the world's own ending to replace, the harness's ending)
+LLAVA_POST_PROMPTS = {
+    "attribute": ("", "\nAnswer the question using a single word or phrase."),
+    "yesno": ("", " Please answer yes or no."),
+    "choice": (
+        CHOICE_SUFFIX,
+        "\nAnswer with the option's letter from the given choices directly.",
+    ),
+}
+
+
+def with_post_prompt(question: str, kind: str) -> str:
+    """``question`` (of ``make_question``'s ``kind``) ending with LLaVA-1.5's post-prompt."""
+    if kind not in LLAVA_POST_PROMPTS:
+        return question
+    own, harness = LLAVA_POST_PROMPTS[kind]
+    return question.removesuffix(own) + harness if own else question + harness
+
+
 _ATTR_QUESTIONS = {
     "shape": "What shape are the objects in the {medium}?",
     "color": "What colour are the objects in the {medium}?",
@@ -982,48 +1011,61 @@ def _render_image_view(view, centres, active, dis, rgb, cfg, rng) -> np.ndarray:
     return _render_frames(view, centres, active, dis, rgb, bg, cfg, rng)
 
 
-def render_images(
-    attributes: Sequence[dict[str, str]], cfg: WorldConfig, rng: np.random.Generator
+def _render_view(
+    modality: Modality, idx: dict[str, np.ndarray], cfg: WorldConfig, rng: np.random.Generator
 ) -> np.ndarray:
-    """Fresh renders of scenes' images: ``attributes`` (N dicts) -> (N, H, W, 3) uint8.
+    """Render one modality of scenes given as attribute index arrays (``idx``)."""
+    view = _modality_view(idx, cfg.difficulty.strength[modality.value], rng)
+    centres, active = _layout(view, cfg, rng)
+    dis = _distractors(len(view["shape"]), view, cfg, rng)
+    rgb = _object_rgb(view, cfg, rng)
+    if modality == Modality.IMAGE:
+        return _render_image_view(view, centres, active, dis, rgb, cfg, rng)
+    if modality == Modality.VIDEO:
+        return _render_video(view, centres, active, dis, rgb, cfg, rng)
+    if modality == Modality.AUDIO:
+        return _render_audio(view, cfg, rng)
+    if modality == Modality.POINT:
+        return _render_points(view, centres, active, dis, rgb, cfg, rng)
+    return _render_depth(view, centres, active, dis, cfg, rng)
 
-    The same renderer as ``generate_world`` with new draws of every nuisance (layout rotation,
-    jitter, background, clutter, distractor, noise): training re-renders its scenes each epoch
-    so small encoders learn the attributes instead of memorising a few thousand pictures."""
+
+def render_media(
+    attributes: Sequence[dict[str, str]],
+    modality: Modality | str,
+    cfg: WorldConfig,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Fresh renders of scenes in one modality: ``attributes`` (N dicts) -> (N, ...) arrays
+    in the modality's file layout (image (N, H, W, 3) uint8, video (N, T, H, W, 3) uint8,
+    audio (N, S) float32, point (N, P, 6) float32, depth (N, H, W) float32).
+
+    The same renderer as ``generate_world`` with new draws of every nuisance (layout, jitter,
+    background, clutter, distractor, noise, and the modality's strength flips): training
+    re-renders its scenes so that small encoders learn the attributes instead of memorising a
+    few thousand samples."""
+    m = Modality.parse(modality)
+    if m not in MEDIA_MODALITIES:
+        raise ValueError(f"{m.value} is not rendered; media modalities: {MEDIA_MODALITIES}")
     idx = {
         a: np.array([ATTRIBUTES[a].index(d[a]) for d in attributes], dtype=np.int64)
         for a in ATTRIBUTE_NAMES
     }
-    view = _modality_view(idx, cfg.difficulty.strength[Modality.IMAGE.value], rng)
-    centres, active = _layout(view, cfg, rng)
-    dis = _distractors(len(attributes), view, cfg, rng)
-    rgb = _object_rgb(view, cfg, rng)
-    return _render_image_view(view, centres, active, dis, rgb, cfg, rng)
+    return _render_view(m, idx, cfg, rng)
+
+
+def render_images(
+    attributes: Sequence[dict[str, str]], cfg: WorldConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """Fresh renders of scenes' images (``render_media`` for images): (N, H, W, 3) uint8."""
+    return render_media(attributes, Modality.IMAGE, cfg, rng)
 
 
 def _render_chunk(
     idx: dict, cfg: WorldConfig, rng: np.random.Generator
 ) -> dict[Modality, np.ndarray]:
     """Render every modality for one chunk of scenes (attribute index arrays)."""
-    n = len(idx["shape"])
-    out: dict[Modality, np.ndarray] = {}
-    strength = cfg.difficulty.strength
-    for modality in MEDIA_MODALITIES:
-        view = _modality_view(idx, strength[modality.value], rng)
-        centres, active = _layout(view, cfg, rng)
-        dis = _distractors(n, view, cfg, rng)
-        rgb = _object_rgb(view, cfg, rng)
-        if modality == Modality.IMAGE:
-            out[modality] = _render_image_view(view, centres, active, dis, rgb, cfg, rng)
-        elif modality == Modality.VIDEO:
-            out[modality] = _render_video(view, centres, active, dis, rgb, cfg, rng)
-        elif modality == Modality.AUDIO:
-            out[modality] = _render_audio(view, cfg, rng)
-        elif modality == Modality.POINT:
-            out[modality] = _render_points(view, centres, active, dis, rgb, cfg, rng)
-        else:
-            out[modality] = _render_depth(view, centres, active, dis, cfg, rng)
-    return out
+    return {m: _render_view(m, idx, cfg, rng) for m in MEDIA_MODALITIES}
 
 
 def _encode(modality: Modality, x: np.ndarray, cfg: WorldConfig) -> bytes:
@@ -1090,6 +1132,8 @@ def _write_text_data(scenes: list[Scene], cfg: WorldConfig, root: Path, rng) -> 
             for j in range(cfg.instructions_per_scene):
                 kind = QUESTION_KINDS[int(rng.integers(0, len(QUESTION_KINDS)))]
                 attr, q, a = make_question(s.attributes, kind, rng, modality)
+                if rng.random() < cfg.post_prompt_fraction:
+                    q = with_post_prompt(q, kind)
                 items.append(
                     {
                         "id": f"{s.id}-{j}",

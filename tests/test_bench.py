@@ -13,7 +13,7 @@ from benchmarks.baseline import BaselineImageBindLLM, reference_cache
 from ibllm_lab import bench
 from ibllm_lab.cache import FaissCache
 from ibllm_lab.config import AdapterConfig, LlamaConfig
-from ibllm_lab.fast import FastGenerator, decode_ids
+from ibllm_lab.fast import FastGenerator
 from ibllm_lab.generation import generate_ids
 from ibllm_lab.model import ImageBindLLM
 
@@ -60,9 +60,12 @@ def test_baseline_shares_weights_and_generates_the_models_tokens():
     assert baseline.llama.output.weight.data_ptr() == model.llama.output.weight.data_ptr()
     batch = torch.tensor(prompts([6, 6]))
     feats = torch.randn(2, ADAPTER.encoder_dim)
-    ours = model.generate_ids_from_feats(feats, batch.tolist(), 12, temperature=0, eos_id=-1)
     theirs = baseline.generate(feats, batch, 12)
-    assert theirs[:, 6:].tolist() == ours
+    for fast in (False, True):
+        ours = model.generate_ids_from_feats(
+            feats, batch.tolist(), 12, temperature=0, eos_id=-1, fast=fast
+        )
+        assert theirs[:, 6:].tolist() == ours, fast
 
 
 @pytest.mark.parametrize(
@@ -81,18 +84,22 @@ def test_fast_generator_gives_the_models_tokens(options):
     batch = prompts([5, 9, 1, 7])
     feats = torch.randn(4, ADAPTER.encoder_dim)
     options = {"max_gen_len": 20, "eos_id": -1, **options}
-    expected = model.generate_ids_from_feats(feats, batch, **options)
+    expected = model.generate_ids_from_feats(feats, batch, **options, fast=False)
     for pack, static in [(True, False), (False, False), (False, True)]:
         engine = FastGenerator(model, pack=pack, static=static)
         assert engine.generate_ids(feats, batch, **options) == expected, (pack, static)
+    # the model's default path is this engine
+    assert model.generate_ids_from_feats(feats, batch, **options) == expected
 
 
 def test_fast_generator_stops_at_eos_like_the_model():
     model = make_model()
     batch, feats = prompts([4, 6, 5]), torch.randn(3, ADAPTER.encoder_dim)
-    free = model.generate_ids_from_feats(feats, batch, 20, temperature=0, eos_id=-1)
+    free = model.generate_ids_from_feats(feats, batch, 20, temperature=0, eos_id=-1, fast=False)
     eos = free[1][7]  # a token the second sample produces mid-way
-    expected = model.generate_ids_from_feats(feats, batch, 20, temperature=0, eos_id=eos)
+    expected = model.generate_ids_from_feats(
+        feats, batch, 20, temperature=0, eos_id=eos, fast=False
+    )
     assert len(expected[1]) < 20
     engine = FastGenerator(model)
     assert engine.generate_ids(feats, batch, 20, temperature=0, eos_id=eos) == expected
@@ -107,7 +114,7 @@ def test_fast_generator_other_injections(injection):
     )
     model = make_model(adapter)
     batch, feats = prompts([3, 8]), torch.randn(2, adapter.encoder_dim)
-    expected = model.generate_ids_from_feats(feats, batch, 10, temperature=0, eos_id=-1)
+    expected = model.generate_ids_from_feats(feats, batch, 10, temperature=0, eos_id=-1, fast=False)
     assert FastGenerator(model).generate_ids(feats, batch, 10, temperature=0, eos_id=-1) == expected
     with pytest.raises(ValueError, match="cuda_graph"):
         FastGenerator(model, cuda_graph=True)
@@ -133,17 +140,21 @@ def test_fast_generator_logits_match_the_model():
         torch.testing.assert_close(logits, full[:, i], atol=1e-4, rtol=1e-4)
 
 
-def test_decode_ids_equals_the_plain_loop():
-    """The lean loop gives generation.generate_ids' tokens on the same decoder."""
+def test_host_syncs_every_few_steps_give_the_same_tokens():
+    """The one decoding loop: reading tokens back every 8 steps (as generate_ids does) gives
+    the tokens of reading them every step, on the fast and the plain decoder alike."""
     model = make_model()
     batch, feats = prompts([2, 6, 4]), torch.randn(3, ADAPTER.encoder_dim)
-    decoder = FastGenerator(model).decoder(model.bind(feats))
-    for options in (
-        {"temperature": 0.0, "eos_id": -1},
-        {"temperature": 1.0, "seed": 5, "eos_id": 7},
-    ):
-        common = {"max_seq_len": LLAMA.max_seq_len, "max_gen_len": 15, **options}
-        assert decode_ids(decoder, batch, **common) == generate_ids(decoder, batch, **common)
+    v = model.bind(feats)
+    for decoder in (FastGenerator(model).decoder(v), model.decoder(v, fast=False)):
+        for options in (
+            {"temperature": 0.0, "eos_id": -1},
+            {"temperature": 1.0, "seed": 5, "eos_id": 7},
+        ):
+            common = {"max_seq_len": LLAMA.max_seq_len, "max_gen_len": 15, **options}
+            every_step = generate_ids(decoder, batch, sync_every=1, **common)
+            assert generate_ids(decoder, batch, sync_every=8, **common) == every_step
+            assert generate_ids(decoder, batch, sync_every=100, **common) == every_step
 
 
 def test_reference_cache_equals_faiss_cache():

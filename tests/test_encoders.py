@@ -35,6 +35,7 @@ TINY_ENC = dict(
     stage2_epochs=8,
     batch_size=48,
     partial_warmup_epochs=3,
+    stage2_rerender_every={"Audio": 2, "Point": 2, "Depth": 2},
 )
 
 
@@ -95,6 +96,11 @@ def test_save_load_same_embeddings(encoder, world, tmp_path):
     torch.save(obj, tmp_path / "broken.pt")
     with pytest.raises(ValueError, match="towers.Point.head.0.weight"):
         BindLite.load(tmp_path / "broken.pt")
+    obj = torch.load(path, weights_only=True)  # an older point tower: other input width
+    obj["state_dict"]["towers.Point.local.0.weight"] = torch.zeros(32, 9)
+    torch.save(obj, tmp_path / "older.pt")
+    with pytest.raises(ValueError, match="another architecture.*towers.Point.local.0.weight"):
+        BindLite.load(tmp_path / "older.pt")
 
 
 def test_feature_cache_and_precomputed_encoder(encoder, world, tmp_path):
@@ -160,3 +166,65 @@ def test_partial_caption_matches():
             (named,) = [a for a in attrs[j] if _partial_caption(attrs[j], [a]) == text]
             for i in range(3):
                 assert bool(same[i, j]) == (attrs[i][named] == attrs[j][named]), (text, i, j)
+
+
+def test_video_tower_starts_as_the_mean_frame_of_the_image_tower(encoder, world):
+    """Stage 2 starts the video frame CNN from the image tower (frozen) and the temporal head
+    at zero: an untrained head gives the normalised mean of the frames' image embeddings."""
+    from ibllm_lab.encoders import VideoTower
+
+    video = encoder.towers["Video"]
+    image = encoder.towers["Image"]
+    for (k, a), b in zip(
+        video.frames.state_dict().items(), image.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), k
+    clips = encoder.preprocess(
+        Modality.VIDEO, load_media(world, world.scenes[:6], "Video", encoder.prep)
+    )
+    size = encoder.prep.image.size  # frames are resized to the image tower's input size
+    fresh = VideoTower(clips.shape[1], size, 8, 64, encoder.embed_dim)
+    fresh.frames.load_state_dict(image.state_dict())
+
+    def resized(x):
+        return torch.nn.functional.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True
+        )
+
+    frames = torch.stack(
+        [
+            torch.nn.functional.normalize(image(resized(clips[:, t])), dim=-1)
+            for t in range(clips.shape[1])
+        ],
+        1,
+    )
+    with torch.no_grad():
+        assert torch.allclose(fresh(clips), frames.mean(1), atol=1e-6)
+
+
+def test_stage2_rerender_and_realign(encoder, world):
+    """``realign`` keeps the image and text towers (identical embeddings) and re-aligns only
+    the named modalities, here with fresh renders every epoch; fewer epochs align worse."""
+    from ibllm_lab.encoders import realign
+
+    hist: dict = {}
+    weak = realign(encoder, world, ["Audio"], stage2_epochs=1, history=hist)
+    strong = realign(encoder, world, ["Audio"], stage2_epochs=8, stage2_rerender_every={"Audio": 1})
+    assert len(hist["Audio"]) > 0 and "Point" not in hist
+    scenes = world.split("test")
+    for m in ("Image", "Text", "Point"):
+        raw = load_media(world, scenes, m, encoder.prep)
+        assert torch.equal(weak.encode(m, raw), encoder.encode(m, raw)), m
+    raw = load_media(world, scenes, "Audio", encoder.prep)
+    assert not torch.equal(weak.encode("Audio", raw), encoder.encode("Audio", raw))
+    emb = {
+        Modality.IMAGE: encoder.encode("Image", load_media(world, scenes, "Image", encoder.prep))
+    }
+    r5 = {}
+    for name, enc in (("weak", weak), ("strong", strong)):
+        emb[Modality.AUDIO] = enc.encode("Audio", raw)
+        t = retrieval_table(emb, scenes).set_index(["query", "target"])
+        r5[name] = t.loc[("Audio", "Image"), "R@5"]
+    assert r5["strong"] > r5["weak"], r5
+    with pytest.raises(ValueError, match="stage2_rerender_every"):
+        EncoderConfig(stage2_rerender_every={"Image": 1})

@@ -60,26 +60,31 @@ def make_model(tokenizer, injection="gated", max_batch_size=8, seed=0) -> ImageB
 PROMPTS = [[1, 17, 40, 41], [1, 9], [1, 100, 7, 8, 30, 31, 60], [1, 200, 201]]
 
 
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("injection", ["gated", "input_token"])
-def test_batched_greedy_with_mixed_prompt_lengths_equals_one_by_one(tokenizer, injection):
+def test_batched_greedy_with_mixed_prompt_lengths_equals_one_by_one(tokenizer, injection, fast):
+    """``fast``: FastGenerator, the default (input_token falls back to the model's modules)."""
     model = make_model(tokenizer, injection)
     feats = torch.randn(len(PROMPTS), ENC)
-    batched = model.generate_ids_from_feats(feats, PROMPTS, max_gen_len=12, temperature=0)
+    options = {"max_gen_len": 12, "temperature": 0, "fast": fast}
+    batched = model.generate_ids_from_feats(feats, PROMPTS, **options)
     single = [
-        model.generate_ids_from_feats(feats[i : i + 1], [p], max_gen_len=12, temperature=0)[0]
+        model.generate_ids_from_feats(feats[i : i + 1], [p], **options)[0]
         for i, p in enumerate(PROMPTS)
     ]
     assert batched == single
     assert any(len(ids) > 0 for ids in batched)
-    texts = model.generate_from_feats(feats, PROMPTS, max_gen_len=12, temperature=0)
+    texts = model.generate_from_feats(feats, PROMPTS, **options)
     assert texts == [tokenizer.decode(ids) for ids in batched]
+    assert model.generate_ids_from_feats(feats, PROMPTS, **options | {"fast": not fast}) == batched
 
 
-def test_cached_greedy_equals_uncached_argmax(tokenizer):
+@pytest.mark.parametrize("fast", [True, False])
+def test_cached_greedy_equals_uncached_argmax(tokenizer, fast):
     model = make_model(tokenizer)
     feats = torch.randn(1, ENC)
     prompt = PROMPTS[0]
-    got = model.generate_ids_from_feats(feats, [prompt], max_gen_len=8, temperature=0)[0]
+    got = model.generate_ids_from_feats(feats, [prompt], max_gen_len=8, temperature=0, fast=fast)[0]
     seq, want = list(prompt), []
     with torch.no_grad():
         for _ in range(8):

@@ -8,12 +8,14 @@ import json
 import pytest
 import torch
 
+import ibllm_lab.llama as llama_module
 from ibllm_lab.config import LlamaConfig
 from ibllm_lab.llama import (
     KVCache,
     Llama,
     RMSNorm,
     apply_rotary,
+    causal_attention,
     is_meta_weight,
     meta_keys,
     rope_tables,
@@ -91,15 +93,18 @@ def test_rotary_equals_metas_complex_form():
     torch.manual_seed(0)
     B, T, H, hd = 2, 7, 3, 16
     x = torch.randn(B, T, H, hd)
-    cos, sin = rope_tables(hd, 20, 10000.0)
+    table = rope_tables(hd, 20, 10000.0)
     start = 5
-    got = apply_rotary(x, cos[start : start + T], sin[start : start + T])
+    got = apply_rotary(x, table[start : start + T])
     freqs = 1.0 / (10000.0 ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
     freqs_cis = torch.polar(torch.ones(20, hd // 2), torch.outer(torch.arange(20), freqs).float())
-    xc = torch.view_as_complex(x.float().reshape(B, T, H, -1, 2))
-    want = torch.view_as_real(xc * freqs_cis[start : start + T][None, :, None]).flatten(3)
+    assert (table - freqs_cis).abs().max() < 1e-6
+    # the pairwise rotation written out with cos / sin, independently of complex numbers
+    cos, sin = freqs_cis.real[start : start + T, None], freqs_cis.imag[start : start + T, None]
+    re, im = x[..., 0::2], x[..., 1::2]
+    want = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(3)
     assert (got - want).abs().max() < 1e-6
-    half = apply_rotary(x.half(), cos[:T], sin[:T])
+    half = apply_rotary(x.half(), table[:T])
     assert half.dtype == torch.float16
 
 
@@ -118,8 +123,23 @@ def test_state_dict_keys_are_metas():
     assert not is_meta_weight("layers.0.attention.lora_wq_l1.weight")
 
 
+def test_block_causal_attention_equals_one_causal_sdpa_call():
+    """The CPU path for long sequences (query blocks attending only up to their end)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 300, 8, requires_grad=True) for _ in range(3))
+    got = causal_attention(q, k, v)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block", [None, 2])
 @pytest.mark.parametrize("n_kv_heads", [None, 2, 1])
-def test_incremental_kv_cache_decoding_equals_full_forward(n_kv_heads):
+def test_incremental_kv_cache_decoding_equals_full_forward(n_kv_heads, block, monkeypatch):
+    if block is not None:  # the full forward attends block by block, as long inputs do
+        monkeypatch.setattr(llama_module, "CPU_QUERY_BLOCK", block)
     torch.manual_seed(0)
     cfg = CFG.replace(n_kv_heads=n_kv_heads)
     llama = Llama(cfg)
@@ -156,13 +176,13 @@ def test_embeddings_input_equals_token_input():
 
 def test_rotary_tables_stay_fp32_after_casts_and_to_empty():
     llama = Llama(CFG).to(torch.bfloat16)
-    assert llama.rope.cos.dtype == torch.float32
-    cos32, _ = rope_tables(CFG.head_dim, 2 * CFG.max_seq_len, CFG.rope_theta)
-    assert torch.equal(llama.rope.cos, cos32)
+    assert llama.rope.table.dtype == torch.float32
+    table = rope_tables(CFG.head_dim, 2 * CFG.max_seq_len, CFG.rope_theta)
+    assert torch.equal(llama.rope.freqs, table)
     with torch.device("meta"):
         lazy = Llama(CFG)
     lazy.to_empty(device="cpu")
-    assert torch.equal(lazy.rope.cos, cos32)
+    assert torch.equal(lazy.rope.freqs, table)
 
 
 def test_init_weights_touches_only_meta_weights():

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ibllm_lab import llama as llama_module
 from ibllm_lab.config import AdapterConfig, LlamaConfig
 from ibllm_lab.llama import Llama, meta_keys
 from ibllm_lab.model import ImageBindLLM, format_prompt
@@ -147,6 +148,71 @@ def test_logits_match_naive_implementation(injection, query_len):
     assert (got - want).abs().max() < 1e-5
 
 
+@pytest.fixture
+def small_query_blocks(monkeypatch):
+    """CPU causal attention in blocks of 3 queries, so that short test sequences take the
+    block-by-block path that long ones take."""
+    monkeypatch.setattr(llama_module, "CPU_QUERY_BLOCK", 3)
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "finetune", "none"])
+@pytest.mark.parametrize("injection,query_len", [("gated", 1), ("prefix_attention", 2)])
+def test_every_optimised_path_matches_naive_implementation(
+    phase, injection, query_len, small_query_blocks
+):
+    """Frozen parameters switch on merged LoRA weights (pretrain, none); all layers injected
+    (batched adapter terms); 13 tokens in blocks of 3 (block-by-block causal attention)."""
+    torch.manual_seed(0)
+    ac = adapter_cfg(injection=injection, query_len=query_len)
+    model = ImageBindLLM(LLAMA, ac)
+    randomise(model)
+    mark_trainable(model, phase)
+    tokens = torch.randint(0, LLAMA.vocab_size, (2, 13))
+    feats = F.normalize(torch.randn(2, ENC), dim=-1)
+    want = naive_logits(model.state_dict(), LLAMA, ac, tokens, feats)
+    assert (model.logits(tokens, feats) - want).abs().max() < 1e-5
+    # a changed frozen weight (in place, as load_state_dict writes) is seen on the next call
+    with torch.no_grad():
+        model.llama.layers[1].attention.lora_wv_l2.weight.mul_(-2)
+        model.llama.layers[0].feed_forward.w2.weight.add_(0.05)
+    want = naive_logits(model.state_dict(), LLAMA, ac, tokens, feats)
+    assert (model.logits(tokens, feats) - want).abs().max() < 1e-5
+
+
+def _plain_loss(model: ImageBindLLM, tokens, labels, feats) -> torch.Tensor:
+    """The straightforward loss: every logit, then cross-entropy ignoring label 0."""
+    logits = model.logits(tokens, feats)[:, :-1]
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=0
+    )
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "finetune"])
+def test_optimised_training_step_equals_the_plain_loss_and_gradients(phase, small_query_blocks):
+    """``forward`` skips unlabelled tail positions and runs the head only where labels are;
+    loss and every trainable gradient equal the plain computation's."""
+    torch.manual_seed(0)
+    model = ImageBindLLM(LLAMA, adapter_cfg())
+    randomise(model)
+    names = mark_trainable(model, phase)
+    tokens = torch.randint(3, LLAMA.vocab_size, (3, 14))
+    labels = tokens.clone()
+    labels[:, :4] = 0  # prompts
+    labels[0, 10:] = 0  # padding: the tail after position 11 feeds no label at all
+    labels[1, 9:] = 0
+    labels[2, 12:] = 0
+    labels[2, 6] = 0
+    feats = F.normalize(torch.randn(3, ENC), dim=-1)
+    params = dict(model.named_parameters())
+    fast = model(tokens, labels, feats)
+    fast_grads = torch.autograd.grad(fast, [params[n] for n in names])
+    plain = _plain_loss(model, tokens, labels, feats)
+    plain_grads = torch.autograd.grad(plain, [params[n] for n in names])
+    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=1e-6)
+    for name, got, want in zip(names, fast_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_base_llama_matches_naive_implementation():
     torch.manual_seed(1)
     llama = Llama(LLAMA)
@@ -165,10 +231,13 @@ def _base_and_model(ac: AdapterConfig, seed: int = 0) -> tuple[Llama, ImageBindL
     return base, model
 
 
+@pytest.mark.parametrize("phase", ["all", "pretrain"])
 @pytest.mark.parametrize("injection,query_len", [("gated", 1), ("prefix_attention", 2)])
-def test_zero_init_equals_base_llama_for_any_input(injection, query_len):
+def test_zero_init_equals_base_llama_for_any_input(injection, query_len, phase):
     ac = adapter_cfg(injection=injection, query_len=query_len)
     base, model = _base_and_model(ac)
+    if phase != "all":
+        mark_trainable(model, phase)  # frozen LoRA: the merged-weight path
     tokens = torch.randint(0, LLAMA.vocab_size, (2, 7))
     want = base(tokens)
     for seed in range(3):
@@ -347,7 +416,7 @@ def test_cast_frozen_keeps_trainable_fp32_and_runs_under_autocast():
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert dtypes["llama.layers.0.attention.lora_wq_l1.weight"] == torch.float32
     assert dtypes["llama.layers.0.attention.wq.weight"] == torch.bfloat16
-    assert model.llama.rope.cos.dtype == torch.float32
+    assert model.llama.rope.table.dtype == torch.float32
     tokens = torch.randint(3, LLAMA.vocab_size, (2, 6))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(tokens, tokens, torch.randn(2, ENC))
@@ -391,7 +460,7 @@ def test_cuda_bf16_logits_close_to_fp32():
     feats = torch.randn(2, ENC)
     want = model.logits(tokens, feats)
     gpu = model.to("cuda", torch.bfloat16)
-    assert gpu.llama.rope.cos.dtype == torch.float32
+    assert gpu.llama.rope.table.dtype == torch.float32
     got = gpu.logits(tokens.cuda(), feats.cuda()).cpu()
     assert (got - want).abs().max() < 0.15
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,3 +81,94 @@ def test_projection_is_deterministic_and_keeps_clusters_apart():
     assert (ids[:, 0] == np.arange(120)).all() and (dist[:, 0] < 1e-5).all()
     with pytest.raises(ValueError, match="projection method"):
         plots.project_2d(x, "tsne")
+
+
+# ------------------------------------------------------------------- trained ablations
+TINY_BUDGET = {
+    "pretrain": {"epochs": 1, "max_examples": 32},
+    "finetune": {"epochs": 1, "max_examples": 32},
+}
+VARIANTS = {
+    "reference": {},
+    "input token": {"injection": "input_token", "query_layer": 0},
+    "norm only": {"w_bias": False, "lora_rank": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def ablations(tmp_path_factory):
+    """Three variants trained with a tiny budget on the quick embedded default (built
+    through the library when missing) and evaluated on two conditions' mini-benchmarks."""
+    default = studies.embedded_default(progress=False)
+    root = tmp_path_factory.mktemp("ablations")
+    options = dict(
+        train_dir=root / "train",
+        conditions=[("Image", False), ("Audio", False), ("Audio", True)],
+        n_scenes=2,
+        kinds=("vqa", "captions"),
+        budget=TINY_BUDGET,
+        progress=False,
+    )
+    table = studies.trained_ablations(default, VARIANTS, root / "out", **options)
+    runs = {v: root / "train" / v.replace(" ", "_") for v in VARIANTS}
+    return default, table, runs, root, options
+
+
+def test_trained_ablations_table_has_one_row_per_variant_with_the_metrics(ablations):
+    _, table, _, root, _ = ablations
+    assert list(table.variant) == list(VARIANTS)
+    assert list(table.injection) == ["gated", "input_token", "gated"]
+    assert list(table.injected_layers) == [2, 0, 2]  # the quick base LM has 2 layers
+    assert list(table.peft) == ["bias + LoRA + norm", "bias + LoRA + norm", "norm"]
+    metrics = ["mini_vqa accuracy (Image)", "mini_captions CIDEr (Image)"]
+    metrics += ["mini_captions CIDEr (Audio)", "mini_captions CIDEr (Audio, cache)"]
+    assert set(metrics) <= set(table.columns) and table[metrics].notna().all().all()
+    assert (table.train_s > 0).all()
+    saved = pd.read_csv(root / "out" / "trained_ablations.csv")
+    assert list(saved.variant) == list(VARIANTS)
+    long = pd.read_csv(root / "out" / "trained_ablations_long.csv")
+    assert set(long.cache) == {False, True} and set(long.variant) == set(VARIANTS)
+    panels = studies.headline_panels(table)
+    assert set(panels) == {"mini_vqa accuracy", "mini_captions CIDEr"}
+    assert set(panels["mini_captions CIDEr"]["norm only"]) == {"Image", "Audio", "Audio, cache"}
+    fig = plots.bar_panels(panels, "trained ablations")
+    assert len(fig.axes) == 2
+    plt.close(fig)
+
+
+def test_trained_variants_have_the_requested_config_and_trainable_keys(ablations):
+    from ibllm_lab.checkpoint import read_adapter_file
+    from ibllm_lab.io import safe_torch_load
+
+    _, _, runs, _, _ = ablations
+    pre = safe_torch_load(runs["input token"] / "pretrain" / "checkpoint.pt")["trainable"]
+    bind = {"image_bind_proj.weight", "image_bind_proj.bias"} | {
+        f"image_bind_{p}_{k}.weight" for p in ("norm", "f1", "f2", "f3") for k in (1, 2, 3)
+    }
+    assert set(pre) == bind  # input token: no prefix, no gates
+    state, meta = read_adapter_file(runs["input token"] / "finetune" / "adapter.pth")
+    assert meta["adapter_config"]["injection"] == "input_token"
+    assert meta["adapter_overrides"] == VARIANTS["input token"]
+    assert "prefix_query.weight" not in state
+    fine = safe_torch_load(runs["norm only"] / "finetune" / "checkpoint.pt")["trainable"]
+    _, meta = read_adapter_file(runs["norm only"] / "finetune" / "adapter.pth")
+    assert (meta["adapter_config"]["w_bias"], meta["adapter_config"]["lora_rank"]) == (False, 0)
+    n_layers = meta["llama_config"]["n_layers"]
+    norms = {"llama.norm.weight"} | {
+        f"llama.layers.{i}.{n}_norm.weight" for i in range(n_layers) for n in ("attention", "ffn")
+    }
+    assert set(fine) == norms  # neither bias nor LoRA: only the norms fine-tune
+    assert meta["max_examples"] == 32 and meta["train_config"]["epochs"] == 1
+
+
+def test_trained_ablations_reuse_complete_variants_and_retrain_stale_ones(ablations):
+    default, table, runs, root, options = ablations
+    files = [p for run in runs.values() for p in run.rglob("*.p*t")]
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    again = studies.trained_ablations(default, VARIANTS, root / "out", **options)
+    assert (again.train_s == 0).all()  # every variant reused, nothing trained
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps
+    pd.testing.assert_frame_equal(again.drop(columns="train_s"), table.drop(columns="train_s"))
+    other = {**TINY_BUDGET, "finetune": {"epochs": 1, "max_examples": 64}}
+    _, seconds = studies.train_variant(default, VARIANTS["norm only"], runs["norm only"], other)
+    assert seconds > 0  # another budget: trained again

@@ -227,3 +227,100 @@ def test_cli_base_lm_writes_meta_format(tmp_path):
     assert Tokenizer(out / "tokenizer.model").n_words == cfg.vocab_size
     metrics = pd.read_csv(out / "run" / METRICS)
     assert metrics["loss"].iloc[-1] < metrics["loss"].iloc[0]
+
+
+# ------------------------------------------------------------- adapter variants (ablations)
+@pytest.fixture(scope="module")
+def small_world_and_lm(tmp_path_factory):
+    """A 24-scene world, a base LM trained for two steps, and random unit image features."""
+    from ibllm_lab.data import media_key
+    from ibllm_lab.modality import Modality
+    from ibllm_lab.train import train_base_lm
+    from ibllm_lab.world import WorldConfig, generate_world
+
+    root = tmp_path_factory.mktemp("variants")
+    world = generate_world(WorldConfig.from_name("quick", n_scenes=24, n_alpaca=24), root / "world")
+    cfg = TrainConfig.from_name("quick", "base-lm", batch_size=8, stop_after=2, threads=1)
+    llama = train_base_lm(world, cfg, root / "llama", arch="quick", progress=False)
+    g = torch.Generator().manual_seed(0)
+    feats = {
+        media_key(s.files[Modality.IMAGE]): torch.nn.functional.normalize(
+            torch.randn(FEAT, generator=g), dim=0
+        )
+        for s in world.scenes
+    }
+    return world, llama, feats
+
+
+def _phase_cfg(phase: str, batch_size: int = 2) -> TrainConfig:
+    return TrainConfig.from_name("quick", phase, epochs=1, batch_size=batch_size, threads=1)
+
+
+def test_adapter_overrides_are_trained_and_recorded(small_world_and_lm, tmp_path):
+    from ibllm_lab.checkpoint import load, read_adapter_file
+    from ibllm_lab.io import safe_torch_load
+    from ibllm_lab.train import train_adapter
+
+    world, llama, feats = small_world_and_lm
+    overrides = {"injection": "prefix_attention", "query_len": 2, "lora_rank": 0}
+    pre = train_adapter(
+        world, _phase_cfg("pretrain"), llama, tmp_path / "pre", feats,
+        adapter_overrides=overrides, max_examples=8, progress=False,
+    )  # fmt: skip
+    state, meta = read_adapter_file(pre)
+    acfg = meta["adapter_config"]
+    assert {k: acfg[k] for k in overrides} == overrides and acfg["w_bias"] is True
+    assert meta["adapter_overrides"] == overrides and meta["max_examples"] == 8
+    n_layers = meta["llama_config"]["n_layers"]
+    assert acfg["query_layer"] == n_layers  # the preset's depth, limited to the LLaMA's
+    assert state["prefix_query.weight"].shape[0] == n_layers * 2
+    assert not any("lora" in k for k in state) and "llama.layers.0.attention.wq.bias" in state
+    model = load(llama, pre, llama_type="")
+    assert model.adapter_cfg.injection == "prefix_attention"
+    ckpt = safe_torch_load(tmp_path / "pre" / CHECKPOINT)
+    assert set(ckpt["trainable"]) == trainable_keys(model, "pretrain")
+    assert f"llama.layers.{n_layers - 1}.attention.gate" in ckpt["trainable"]  # gated mode
+    assert ckpt["position"]["steps_per_epoch"] == 4  # 8 of the 11 captions, batch 2
+
+    fine = train_adapter(
+        world, _phase_cfg("finetune", 8), llama, tmp_path / "fine", feats, init=pre,
+        adapter_overrides=overrides, max_examples=16, progress=False,
+    )  # fmt: skip
+    ckpt = safe_torch_load(tmp_path / "fine" / CHECKPOINT)
+    assert ckpt["position"]["steps_per_epoch"] == 2  # 16 of the 46 instructions, batch 8
+    per_layer = ["attention_norm.weight", "ffn_norm.weight", "attention.wq.bias"]
+    per_layer += ["attention.wo.bias", *(f"feed_forward.w{j}.bias" for j in (1, 2, 3))]
+    expected = {"llama.norm.weight"} | {
+        f"llama.layers.{i}.{key}" for i in range(n_layers) for key in per_layer
+    }
+    assert set(ckpt["trainable"]) == expected  # norms and biases: no LoRA
+    assert read_adapter_file(fine)[1]["adapter_config"] == acfg
+    with pytest.raises(ValueError, match="another adapter"):
+        train_adapter(
+            world, _phase_cfg("finetune"), llama, tmp_path / "clash", feats, init=pre,
+            adapter_overrides={"lora_rank": 4}, progress=False,
+        )  # fmt: skip
+
+
+def test_ungated_and_input_token_variants_train_their_own_keys(small_world_and_lm, tmp_path):
+    from ibllm_lab.io import safe_torch_load
+    from ibllm_lab.train import adapter_config, train_adapter
+
+    world, llama, feats = small_world_and_lm
+    bind = {"image_bind_proj.weight", "image_bind_proj.bias"} | {
+        f"image_bind_{p}_{k}.weight" for p in ("norm", "f1", "f2", "f3") for k in (1, 2, 3)
+    }
+    for overrides, expected in (
+        ({"injection": "ungated", "query_layer": 1}, bind | {"prefix_query.weight"}),
+        ({"injection": "input_token", "query_layer": 0}, bind),
+    ):
+        out = tmp_path / overrides["injection"]
+        train_adapter(
+            world, _phase_cfg("pretrain"), llama, out, feats,
+            adapter_overrides=overrides, max_examples=8, progress=False,
+        )  # fmt: skip
+        assert set(safe_torch_load(out / CHECKPOINT)["trainable"]) == expected, overrides
+    with pytest.raises(ValueError, match="unknown AdapterConfig fields"):
+        adapter_config(llama, FEAT, injection="gated", gate_init=1.0)
+    with pytest.raises(ValueError, match="query_layer"):
+        adapter_config(llama, FEAT, query_layer=99)

@@ -199,3 +199,52 @@ def test_render_images_fresh_views_of_the_same_scenes(world):
     sat = flat.max(-1) - flat.min(-1)
     for img, s in zip(flat, sat, strict=True):
         assert int(np.argmax(img[s >= np.percentile(s, 97)].mean(0))) == 0
+
+
+def test_instruction_data_has_llava_post_prompts(tmp_path):
+    """A share of the instruction questions end with LLaVA-1.5's post-prompts, so that a model
+    trained on the world follows the wording benchmark harnesses add."""
+    from ibllm_lab.world import LLAVA_POST_PROMPTS, with_post_prompt
+
+    world = generate_world(WorldConfig.from_name("quick", n_scenes=60), tmp_path / "w")
+    items = json.loads((world.root / "instructions.json").read_text())
+    by_kind: dict[str, list[str]] = {}
+    for it in items:
+        by_kind.setdefault(it["kind"], []).append(it["conversations"][0]["value"])
+    for kind, (own, harness) in LLAVA_POST_PROMPTS.items():
+        ended = [q.endswith(harness) for q in by_kind[kind]]
+        assert 0 < sum(ended) < len(ended), kind  # some, not all (fraction 0.3)
+        if own:
+            assert all(q.endswith(own) for q, e in zip(by_kind[kind], ended, strict=True) if not e)
+    assert with_post_prompt("Q?\nA. x\nAnswer with the option's letter.", "choice").endswith(
+        "from the given choices directly."
+    )
+    assert with_post_prompt("Describe the image.", "describe") == "Describe the image."
+    none = generate_world(
+        WorldConfig.from_name("quick", n_scenes=60, post_prompt_fraction=0.0), tmp_path / "n"
+    )
+    plain = json.loads((none.root / "instructions.json").read_text())
+    assert not any(
+        it["conversations"][0]["value"].endswith(LLAVA_POST_PROMPTS["attribute"][1]) for it in plain
+    )
+    with pytest.raises(ValueError, match="post_prompt_fraction"):
+        WorldConfig(post_prompt_fraction=1.5)
+
+
+def test_render_media_fresh_samples_in_file_layout(world):
+    """``render_media`` renders any media modality in the layout of the world's files, fresh
+    per seed and reproducible for the same seed."""
+    from ibllm_lab.world import MEDIA_MODALITIES, render_media
+
+    w = world
+    attrs = [s.attributes for s in w.scenes[:5]]
+    for m in MEDIA_MODALITIES:
+        a = render_media(attrs, m, w.config, np.random.default_rng(3))
+        b = render_media(attrs, m, w.config, np.random.default_rng(3))
+        c = render_media(attrs, m, w.config, np.random.default_rng(4))
+        assert len(a) == 5 and np.array_equal(a, b) and not np.array_equal(a, c), m
+        if m not in (Modality.IMAGE, Modality.AUDIO):  # .npy files: same shape and dtype
+            on_disk = np.load(w.path(w.scenes[0], m))
+            assert a[0].shape == on_disk.shape and a.dtype == on_disk.dtype, m
+    with pytest.raises(ValueError, match="not rendered"):
+        render_media(attrs, Modality.TEXT, w.config, np.random.default_rng(0))
