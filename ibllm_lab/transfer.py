@@ -562,6 +562,11 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--train-dir", type=Path, help="training run folder (default OUT/train)")
     p.add_argument("--preset", default="default", help="training preset (default, quick)")
     p.add_argument("--n-scenes", type=int, help="evaluate at most this many test scenes")
+    p.add_argument(
+        "--weak-stage2-epochs",
+        type=int,
+        help="stage-2 epochs of the weaker-alignment encoder (0: no weak-encoder rows)",
+    )
     p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     args = p.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
@@ -573,6 +578,11 @@ def cli(argv: list[str]) -> int:
     cfg = TransferConfig.from_name(
         "quick" if args.preset == "quick" else "default",
         **({"n_scenes": args.n_scenes} if args.n_scenes else {}),
+        **(
+            {"weak_stage2_epochs": args.weak_stage2_epochs}
+            if args.weak_stage2_epochs is not None
+            else {}
+        ),
     )
     df = run_transfer(
         World.load(args.world),

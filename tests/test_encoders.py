@@ -97,7 +97,7 @@ def test_save_load_same_embeddings(encoder, world, tmp_path):
     with pytest.raises(ValueError, match="towers.Point.head.0.weight"):
         BindLite.load(tmp_path / "broken.pt")
     obj = torch.load(path, weights_only=True)  # an older point tower: other input width
-    obj["state_dict"]["towers.Point.local.0.weight"] = torch.zeros(32, 9)
+    obj["state_dict"]["towers.Point.local.0.weight"] = torch.zeros(32, 7)
     torch.save(obj, tmp_path / "older.pt")
     with pytest.raises(ValueError, match="another architecture.*towers.Point.local.0.weight"):
         BindLite.load(tmp_path / "older.pt")
@@ -228,3 +228,18 @@ def test_stage2_rerender_and_realign(encoder, world):
     assert r5["strong"] > r5["weak"], r5
     with pytest.raises(ValueError, match="stage2_rerender_every"):
         EncoderConfig(stage2_rerender_every={"Image": 1})
+
+
+def test_point_tower_neighbour_offsets():
+    """With ``point_neighbours`` k > 0 each point also sees the offsets to its k nearest
+    other points, nearest first; the output width is the embedding width either way."""
+    from ibllm_lab.encoders import PointTower
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 20, 6, generator=g)
+    tower = PointTower(4, 16, 8, k=3)
+    off = tower.neighbour_offsets(x[..., :3]).view(2, 20, 3, 3)
+    d = torch.cdist(x[..., :3], x[..., :3]) + torch.eye(20) * 10
+    nearest = d.sort(dim=-1).values[..., :3]
+    torch.testing.assert_close(off.norm(dim=-1), nearest)
+    assert tower(x).shape == (2, 8) and PointTower(4, 16, 8, k=0)(x).shape == (2, 8)

@@ -133,3 +133,45 @@ def test_run_transfer_end_to_end_writes_the_table(world, tmp_path):
     table = summary(df)
     assert {"attr_carried", "attr_uncarried", "yesno", "describe", "CIDEr"} <= set(table.columns)
     assert "Audio + cache" in table.index
+
+
+def test_weak_encoder_rows_with_and_without_cache(world, tmp_path):
+    """``evaluate_transfer`` adds "<modality> (weak encoder)" rows, with and without the
+    cache, from a second encoder (here: the same features with noise on audio and point), and
+    ``weak_encoder`` builds none for an encoder it cannot re-align."""
+    from ibllm_lab.checkpoint import load
+    from ibllm_lab.encoders import PrecomputedEncoder
+    from ibllm_lab.train import train_pipeline
+    from ibllm_lab.transfer import evaluate_transfer, train_cache, weak_encoder
+
+    feats = _features(world)
+    encoder = PrecomputedEncoder(feats)
+    g = torch.Generator().manual_seed(1)
+    noisy = {m: (ids, f + 0.8 * torch.randn(f.shape, generator=g)) for m, (ids, f) in feats.items()}
+    noisy[Modality.IMAGE] = feats[Modality.IMAGE]
+    cfg = TransferConfig(
+        n_scenes=3,
+        mix_weights=(0.5,),
+        modalities=("Image",),
+        degraded=(),
+        max_gen_len={"attribute": 2, "yesno": 2, "describe": 4, "caption": 4},
+    )
+    assert weak_encoder(world, encoder, cfg) is None
+    run = train_pipeline(
+        world, encoder, tmp_path / "train", preset="quick", progress=False, batch_size=8
+    )
+    model = load(run.llama_dir, run.finetune)
+    cache = train_cache(world, encoder, tmp_path / "train" / "features")
+    df = evaluate_transfer(
+        model,
+        world,
+        encoder,
+        tmp_path / "train" / "features",
+        cfg,
+        cache,
+        PrecomputedEncoder(noisy),
+    )
+    conditions = set(df.condition)
+    for m in cfg.weak_modalities:
+        assert {f"{m} (weak encoder)", f"{m} (weak encoder) + cache"} <= conditions
+    assert (tmp_path / "train" / "features" / "weak" / "Audio.pt").exists()
