@@ -293,8 +293,10 @@ class WorldConfig:
     n_alpaca: int = 600
     # share of attribute, yes/no and multiple-choice questions in the instruction data that
     # end with LLaVA-1.5's post-prompt (``LLAVA_POST_PROMPTS``), so that a model trained on
-    # the world also follows the wording benchmark harnesses add
-    post_prompt_fraction: float = 0.3
+    # the world also follows the wording benchmark harnesses add. Off by default: with 0.3
+    # the embedded default's tiny LM answered colour 0.23 and position 0.57 on held-out
+    # images, against 0.66 and 0.99 with none (same encoder, 200 scenes)
+    post_prompt_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.difficulty, str):

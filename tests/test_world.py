@@ -206,7 +206,9 @@ def test_instruction_data_has_llava_post_prompts(tmp_path):
     trained on the world follows the wording benchmark harnesses add."""
     from ibllm_lab.world import LLAVA_POST_PROMPTS, with_post_prompt
 
-    world = generate_world(WorldConfig.from_name("quick", n_scenes=60), tmp_path / "w")
+    world = generate_world(
+        WorldConfig.from_name("quick", n_scenes=60, post_prompt_fraction=0.3), tmp_path / "w"
+    )
     items = json.loads((world.root / "instructions.json").read_text())
     by_kind: dict[str, list[str]] = {}
     for it in items:
@@ -220,9 +222,7 @@ def test_instruction_data_has_llava_post_prompts(tmp_path):
         "from the given choices directly."
     )
     assert with_post_prompt("Describe the image.", "describe") == "Describe the image."
-    none = generate_world(
-        WorldConfig.from_name("quick", n_scenes=60, post_prompt_fraction=0.0), tmp_path / "n"
-    )
+    none = generate_world(WorldConfig.from_name("quick", n_scenes=60), tmp_path / "n")  # off
     plain = json.loads((none.root / "instructions.json").read_text())
     assert not any(
         it["conversations"][0]["value"].endswith(LLAVA_POST_PROMPTS["attribute"][1]) for it in plain
