@@ -539,9 +539,11 @@ def ablation_grid(
     kinds: Sequence[str] = ("vqa", "mme", "captions"),
     batch_size: int = 64,
     seed: int = 0,
+    prompt_style: str = "plain",
 ) -> pd.DataFrame:
     """Evaluate model variants on the world's mini-benchmarks (``evalsets``) with the
-    standard metrics (``evaluate``).
+    standard metrics (``evaluate``). ``prompt_style``: the harness post-prompt (``plain``,
+    the world's instruction wording, or ``llava``).
 
     A variant is ``{"name", "phase": "finetune" | "pretrain", "gates": see gates_as,
     "cache": bool}``. Mini-benchmarks ask, per modality, only about what it carries.
@@ -577,6 +579,7 @@ def ablation_grid(
                         features=feats,
                         batch_size=batch_size,
                         use_cache=bool(v.get("cache")),
+                        prompt_style=prompt_style,
                     )
                     tables.append(table.assign(variant=v["name"]))
     return pd.concat(tables, ignore_index=True)
@@ -597,7 +600,7 @@ TRAINED_VARIANTS: dict[str, dict[str, Any]] = {
 }
 # The budget each variant trains with, per embedded default ("quick" or "default") and
 # phase: TrainConfig overrides plus "max_examples" (a seeded subset). The embedded default
-# itself trains 6 + 2 epochs on 2269 + 5138 examples; "default" here is one epoch of 1024
+# itself trains 6 + 4 epochs on 2269 + 5138 examples; "default" here is one epoch of 1024
 # captions and 384 instructions (32 + 12 steps of 32), 4-8 s per variant on one CPU thread
 # (45-55 s for the nine of TRAINED_VARIANTS), so notebook 06 stays within its share of
 # `make run`. All variants get the same budget, the reference included.
