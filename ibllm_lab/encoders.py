@@ -3,7 +3,7 @@
 Training follows ImageBind:
 
 * stage 1: image <-> text contrastive training (symmetric InfoNCE, learnable temperature).
-  Each epoch sees fresh renders of the training scenes (``world.render_images``: new layout,
+  Each epoch sees fresh renders of the training scenes (``world.render_media``: new layout,
   background, clutter and noise), so the small CNN cannot memorise a few thousand pictures;
   the first ``partial_warmup_epochs`` pair images with short partial captions ("circles",
   "red") naming mostly the shape, which full captions leave without gradient (position and
@@ -73,7 +73,6 @@ from ibllm_lab.world import (
     MEDIA_MODALITIES,
     PLURALS,
     World,
-    render_images,
     render_media,
 )
 
@@ -326,9 +325,9 @@ class VideoTower(nn.Module):
     over their mean, max and last-minus-first difference (motion): (B, T, 3, S, S) -> (B, D).
     The MLP's last layer starts at zero, so an untrained head returns the mean frame."""
 
-    def __init__(self, n_frames: int, size: int, width: int, hidden: int, embed_dim: int):
+    def __init__(self, size: int, width: int, hidden: int, embed_dim: int):
         super().__init__()
-        self.n_frames, self.size = n_frames, size
+        self.size = size
         self.frames = ConvTower(3, size, width, hidden, embed_dim)
         self.temporal = nn.Sequential(
             nn.Linear(3 * embed_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
@@ -454,7 +453,6 @@ class BindLite(nn.Module):
                 Modality.IMAGE.value: ConvTower(3, p.image.size, w, h, d),
                 Modality.TEXT.value: TextTower(len(self.vocab), h, d),
                 Modality.VIDEO.value: VideoTower(
-                    p.video.n_frames,
                     p.image.size if cfg.video_from_image else p.video.size,
                     w,
                     h,
@@ -896,7 +894,9 @@ def _renderer(world: World, scenes: Sequence, files: np.ndarray, cfg: EncoderCon
     def render(epoch: int) -> np.ndarray:
         if epoch == 0:
             return files
-        return render_images(attrs, world.config, np.random.default_rng([cfg.seed, epoch]))
+        return render_media(
+            attrs, Modality.IMAGE, world.config, np.random.default_rng([cfg.seed, epoch])
+        )
 
     return render
 

@@ -466,15 +466,8 @@ READERS = {
 
 # --- mini-benchmarks from the world ---------------------------------------------------------
 
-# Phrasing follows the world's instruction data, so questions are in the model's idiom.
-QUESTION_TEMPLATES = {
-    "shape": "What shape are the objects in the {medium}?",
-    "color": "What colour are the objects in the {medium}?",
-    "size": "Are the objects small or large?",
-    "position": "Where in the {medium} are the objects?",
-    "count": "How many objects are there?",
-    "motion": "In which direction are the objects moving?",
-}
+# Attribute questions are the world's own (``world.ATTRIBUTE_QUESTIONS``), so they are in the
+# model's idiom; yes/no questions follow the world's wording with MME's subtasks.
 YES_NO_TEMPLATES = {
     "existence": "Is there {article} {value} in the {medium}?",
     "count": "Are there {value} objects?",
@@ -571,7 +564,9 @@ class _MiniSpec:
     world_dir: Path | None
 
     def question(self, attr: str) -> str:
-        template = QUESTION_TEMPLATES.get(attr, f"What is the {attr} of the objects?")
+        from ibllm_lab.world import ATTRIBUTE_QUESTIONS
+
+        template = ATTRIBUTE_QUESTIONS.get(attr, f"What is the {attr} of the objects?")
         return template.format(medium=self.medium)
 
     def others(self, attr: str, value: str) -> list[str]:

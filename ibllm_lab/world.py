@@ -291,12 +291,6 @@ class WorldConfig:
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     instructions_per_scene: int = 2
     n_alpaca: int = 600
-    # share of attribute, yes/no and multiple-choice questions in the instruction data that
-    # end with LLaVA-1.5's post-prompt (``LLAVA_POST_PROMPTS``), so that a model trained on
-    # the world also follows the wording benchmark harnesses add. Off by default: with 0.3
-    # the embedded default's tiny LM answered colour 0.23 and position 0.57 on held-out
-    # images, against 0.66 and 0.99 with none (same encoder, 200 scenes)
-    post_prompt_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.difficulty, str):
@@ -323,10 +317,6 @@ class WorldConfig:
         self.split_fractions = fr
         if not 0.0 <= self.heldout_fraction < 0.5:
             raise ValueError(f"heldout_fraction must be in [0, 0.5), got {self.heldout_fraction}")
-        if not 0.0 <= self.post_prompt_fraction <= 1.0:
-            raise ValueError(
-                f"post_prompt_fraction must be in [0, 1], got {self.post_prompt_fraction}"
-            )
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> WorldConfig:
@@ -837,7 +827,7 @@ def make_question(
     attr = str(rng.choice(names))
     value = attrs[attr]
     if kind == "attribute":
-        return attr, _ATTR_QUESTIONS[attr].format(medium=medium), value
+        return attr, ATTRIBUTE_QUESTIONS[attr].format(medium=medium), value
     if kind == "yesno":
         ask = (
             value
@@ -851,35 +841,14 @@ def make_question(
         opts = [str(o) for o in rng.permutation(opts)]
         letters = "ABCD"[: len(opts)]
         lines = "\n".join(f"{letter}. {o}" for letter, o in zip(letters, opts, strict=True))
-        stem = _ATTR_QUESTIONS[attr].format(medium=medium)
-        q = f"{stem}\n{lines}{CHOICE_SUFFIX}"
+        stem = ATTRIBUTE_QUESTIONS[attr].format(medium=medium)
+        q = f"{stem}\n{lines}\nAnswer with the option's letter."
         return attr, q, letters[opts.index(value)]
     raise ValueError(f"unknown question kind {kind!r}")
 
 
 QUESTION_KINDS = ("attribute", "yesno", "choice", "describe")
-CHOICE_SUFFIX = "\nAnswer with the option's letter."
-# LLaVA-1.5's post-prompts, as benchmark harnesses (lmms-eval) add them: per question kind,
-# (the world's own ending to replace, the harness's ending)
-LLAVA_POST_PROMPTS = {
-    "attribute": ("", "\nAnswer the question using a single word or phrase."),
-    "yesno": ("", " Please answer yes or no."),
-    "choice": (
-        CHOICE_SUFFIX,
-        "\nAnswer with the option's letter from the given choices directly.",
-    ),
-}
-
-
-def with_post_prompt(question: str, kind: str) -> str:
-    """``question`` (of ``make_question``'s ``kind``) ending with LLaVA-1.5's post-prompt."""
-    if kind not in LLAVA_POST_PROMPTS:
-        return question
-    own, harness = LLAVA_POST_PROMPTS[kind]
-    return question.removesuffix(own) + harness if own else question + harness
-
-
-_ATTR_QUESTIONS = {
+ATTRIBUTE_QUESTIONS = {
     "shape": "What shape are the objects in the {medium}?",
     "color": "What colour are the objects in the {medium}?",
     "size": "Are the objects small or large?",
@@ -929,7 +898,11 @@ def _alpaca_item(rng: np.random.Generator) -> dict[str, str]:
     caption = captions_for(attrs)[int(rng.integers(1, 6))]
     if kind == 4:
         attr = str(rng.choice(["shape", "color", "size", "position", "count"]))
-        q = _ATTR_QUESTIONS[attr].format(medium="description").replace(" in the description", "")
+        q = (
+            ATTRIBUTE_QUESTIONS[attr]
+            .format(medium="description")
+            .replace(" in the description", "")
+        )
         return dict(
             instruction=f"Read the description and answer: {q}", input=caption, output=attrs[attr]
         )
@@ -1056,13 +1029,6 @@ def render_media(
     return _render_view(m, idx, cfg, rng)
 
 
-def render_images(
-    attributes: Sequence[dict[str, str]], cfg: WorldConfig, rng: np.random.Generator
-) -> np.ndarray:
-    """Fresh renders of scenes' images (``render_media`` for images): (N, H, W, 3) uint8."""
-    return render_media(attributes, Modality.IMAGE, cfg, rng)
-
-
 def _render_chunk(
     idx: dict, cfg: WorldConfig, rng: np.random.Generator
 ) -> dict[Modality, np.ndarray]:
@@ -1134,8 +1100,6 @@ def _write_text_data(scenes: list[Scene], cfg: WorldConfig, root: Path, rng) -> 
             for j in range(cfg.instructions_per_scene):
                 kind = QUESTION_KINDS[int(rng.integers(0, len(QUESTION_KINDS)))]
                 attr, q, a = make_question(s.attributes, kind, rng, modality)
-                if rng.random() < cfg.post_prompt_fraction:
-                    q = with_post_prompt(q, kind)
                 items.append(
                     {
                         "id": f"{s.id}-{j}",

@@ -183,7 +183,7 @@ def test_video_tower_starts_as_the_mean_frame_of_the_image_tower(encoder, world)
         Modality.VIDEO, load_media(world, world.scenes[:6], "Video", encoder.prep)
     )
     size = encoder.prep.image.size  # frames are resized to the image tower's input size
-    fresh = VideoTower(clips.shape[1], size, 8, 64, encoder.embed_dim)
+    fresh = VideoTower(size, 8, 64, encoder.embed_dim)
     fresh.frames.load_state_dict(image.state_dict())
 
     def resized(x):

@@ -24,7 +24,7 @@ from ibllm_lab.world import (
     describe,
     generate_world,
     make_question,
-    render_images,
+    render_media,
 )
 
 TINY = dict(n_scenes=60, image_size=32, video_size=24, video_frames=4, n_points=64, n_alpaca=20)
@@ -184,14 +184,14 @@ def test_config_validation():
     assert Difficulty.from_name("hard").strength["Audio"]["size"] < 1.0
 
 
-def test_render_images_fresh_views_of_the_same_scenes(world):
+def test_render_media_fresh_image_views_of_the_same_scenes(world):
     """Re-renders (training's fresh views) have the world's image format, follow the seed,
     change the nuisances and keep the attributes: the scene's colour dominates."""
     easy = WorldConfig.from_name("quick", **TINY, difficulty="easy")
     attrs = [dict(s.attributes, color="red") for s in world.scenes[:8]]
-    a = render_images(attrs, easy, np.random.default_rng(1))
-    b = render_images(attrs, easy, np.random.default_rng(1))
-    c = render_images(attrs, easy, np.random.default_rng(2))
+    a = render_media(attrs, Modality.IMAGE, easy, np.random.default_rng(1))
+    b = render_media(attrs, Modality.IMAGE, easy, np.random.default_rng(1))
+    c = render_media(attrs, Modality.IMAGE, easy, np.random.default_rng(2))
     assert a.shape == (8, 32, 32, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
@@ -201,40 +201,10 @@ def test_render_images_fresh_views_of_the_same_scenes(world):
         assert int(np.argmax(img[s >= np.percentile(s, 97)].mean(0))) == 0
 
 
-def test_instruction_data_has_llava_post_prompts(tmp_path):
-    """A share of the instruction questions end with LLaVA-1.5's post-prompts, so that a model
-    trained on the world follows the wording benchmark harnesses add."""
-    from ibllm_lab.world import LLAVA_POST_PROMPTS, with_post_prompt
-
-    world = generate_world(
-        WorldConfig.from_name("quick", n_scenes=60, post_prompt_fraction=0.3), tmp_path / "w"
-    )
-    items = json.loads((world.root / "instructions.json").read_text())
-    by_kind: dict[str, list[str]] = {}
-    for it in items:
-        by_kind.setdefault(it["kind"], []).append(it["conversations"][0]["value"])
-    for kind, (own, harness) in LLAVA_POST_PROMPTS.items():
-        ended = [q.endswith(harness) for q in by_kind[kind]]
-        assert 0 < sum(ended) < len(ended), kind  # some, not all (fraction 0.3)
-        if own:
-            assert all(q.endswith(own) for q, e in zip(by_kind[kind], ended, strict=True) if not e)
-    assert with_post_prompt("Q?\nA. x\nAnswer with the option's letter.", "choice").endswith(
-        "from the given choices directly."
-    )
-    assert with_post_prompt("Describe the image.", "describe") == "Describe the image."
-    none = generate_world(WorldConfig.from_name("quick", n_scenes=60), tmp_path / "n")  # off
-    plain = json.loads((none.root / "instructions.json").read_text())
-    assert not any(
-        it["conversations"][0]["value"].endswith(LLAVA_POST_PROMPTS["attribute"][1]) for it in plain
-    )
-    with pytest.raises(ValueError, match="post_prompt_fraction"):
-        WorldConfig(post_prompt_fraction=1.5)
-
-
 def test_render_media_fresh_samples_in_file_layout(world):
     """``render_media`` renders any media modality in the layout of the world's files, fresh
     per seed and reproducible for the same seed."""
-    from ibllm_lab.world import MEDIA_MODALITIES, render_media
+    from ibllm_lab.world import MEDIA_MODALITIES
 
     w = world
     attrs = [s.attributes for s in w.scenes[:5]]
