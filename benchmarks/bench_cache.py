@@ -47,6 +47,8 @@ class CacheBenchConfig:
     query_noise: float = 0.7  # queries sit a bit further from the centres
     nlist: int | None = None  # IVF lists; default sqrt(N), at most 1024 (build time on CPU)
     nprobe: int = 8
+    # also timed on the same IVF index: recall against time
+    more_nprobes: tuple[int, ...] = (32, 40, 48, 64)
     train_per_list: int = 40
     hnsw_max_n: int = 200_000  # HNSW build time grows fast; larger banks skip it
     hnsw_m: int = 32
@@ -149,8 +151,27 @@ def bench_faiss(cfg, n, bank, queries, truth, base_s) -> list[Result]:
         rec = recall(cache.search(queries, cfg.k)[1], truth)
         label = f"faiss {kind}" + "".join(f" {k}={v}" for k, v in opts.items() if k != "train_size")
         rows.append(_cpu_row(n, cfg, label, seconds, base_s, rec, {"build_s": round(build_s, 1)}))
+        if kind == "ivf":
+            rows += _more_nprobes(cfg, n, cache, q, queries, truth, base_s, label)
         del cache
         gc.collect()
+    return rows
+
+
+def _more_nprobes(cfg, n, cache, q, queries, truth, base_s, label) -> list[Result]:
+    """The built IVF index searched with each of ``cfg.more_nprobes`` lists probed."""
+    rows = []
+    for nprobe in cfg.more_nprobes:
+        if nprobe == cfg.nprobe or nprobe > cfg.lists(n):
+            continue
+        cache.set_search_params(nprobe=nprobe)
+        seconds = median(
+            time_fn(lambda c=cache: c(q, **CACHE_ARGS), torch.device("cpu"), 1, cfg.reps)
+        )
+        rec = recall(cache.search(queries, cfg.k)[1], truth)
+        name = label.replace(f"nprobe={cfg.nprobe}", f"nprobe={nprobe}")
+        rows.append(_cpu_row(n, cfg, name, seconds, base_s, rec, {"build_s": "same index"}))
+    cache.set_search_params(nprobe=cfg.nprobe)
     return rows
 
 

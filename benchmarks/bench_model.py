@@ -25,7 +25,7 @@ from ibllm_lab.config import AdapterConfig, LlamaConfig
 from ibllm_lab.fast import FastGenerator
 from ibllm_lab.model import ImageBindLLM
 from ibllm_lab.peft import mark_trainable
-from ibllm_lab.train import param_groups, prepare_precision
+from ibllm_lab.train import compile_blocks, param_groups, prepare_precision
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class ModelBenchConfig:
     baseline: bool = True
     gen_impls: tuple[str, ...] = ("baseline", "eager", "fast")  # of GEN_IMPLS
     train_compile: bool = False  # train with each LLaMA block under torch.compile
+    train_compile_mode: str | None = None  # torch.compile mode ("reduce-overhead": CUDA graphs)
     seed: int = 0
 
     def __post_init__(self):
@@ -183,9 +184,9 @@ def bench_train(model: ImageBindLLM, baseline: BaselineImageBindLLM | None, cfg,
     for module in modules.values():
         module.train()
     if cfg.train_compile:  # regional compilation: one graph per block kind, reused per layer
-        for block in model.llama.layers:
-            block.compile()
-        impl = "ibllm_lab + torch.compile (per block)"
+        compile_blocks(model, cfg.train_compile_mode or "default")
+        mode = f", {cfg.train_compile_mode}" if cfg.train_compile_mode else ""
+        impl = f"ibllm_lab + torch.compile (per block{mode})"
     for phase, batch_size, seq in cfg.train_shapes:
         case = f"{phase} {batch_size}x{seq}"
         batch = _batch(

@@ -64,6 +64,7 @@ def model_config(args: argparse.Namespace, defaults: dict[str, Any]):
         "device": torch.device(args.device or defaults["device"]),
         "baseline": not args.no_baseline,
         "train_compile": args.train_compile,
+        "train_compile_mode": args.train_compile_mode,
     }
     if args.gen_impls:
         options["gen_impls"] = tuple(args.gen_impls.split(","))

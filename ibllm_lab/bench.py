@@ -229,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train with every LLaMA block under torch.compile (a proposal for the trainer)",
     )
     model.add_argument(
+        "--train-compile-mode",
+        default=None,
+        help="torch.compile mode for --train-compile, e.g. reduce-overhead (CUDA graphs)",
+    )
+    model.add_argument(
         "--compile", action="store_true", help="also time FastGenerator with torch.compile (GPU)"
     )
     cache = p.add_argument_group("visual cache")

@@ -62,6 +62,9 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 CAPTION_SOURCES = ("file", "canonical")
+# TrainConfig.compile_blocks: torch.compile mode per LLaMA block ("reduce-overhead" adds CUDA
+# graphs); measured at 7B on an H200 in benchmarks/README.md
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 _GATE = re.compile(r"layers\.(\d+)\.attention\.gate$")
 
 
@@ -96,6 +99,7 @@ class TrainConfig:
     threads: int = 2  # torch CPU threads per process
     fsdp: bool = False  # shard with FSDP instead of DDP (7B on several GPUs; see train_phase)
     captions: str = "file"  # pre-training captions from a world: "file" or "canonical"
+    compile_blocks: str | None = None  # torch.compile each LLaMA block in this mode (GPU speed)
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -109,6 +113,10 @@ class TrainConfig:
             raise ValueError("base_lr must be > 0, min_lr and weight_decay >= 0")
         if self.captions not in CAPTION_SOURCES:
             raise ValueError(f"captions {self.captions!r}: expected one of {CAPTION_SOURCES}")
+        if self.compile_blocks not in COMPILE_MODES:
+            raise ValueError(
+                f"compile_blocks {self.compile_blocks!r}: expected one of {COMPILE_MODES}"
+            )
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} outside [0, epochs]")
 
@@ -341,6 +349,23 @@ def prepare_precision(model: nn.Module, device: torch.device, amp: str) -> None:
         cast_frozen(model, half)
 
 
+def compile_blocks(model: nn.Module, mode: str | None = "default") -> int:
+    """``torch.compile`` every block of ``model.llama`` (or of ``model`` itself, a ``Llama``)
+    in place, in ``mode``: regional compilation, one graph for all blocks of a kind, so that
+    compiling costs one block's time, not the model's. Fuses the norms, rotary embedding and
+    SwiGLU elementwise work; "reduce-overhead" also replays each block as a CUDA graph (the
+    launch-bound small batches gain most). Returns the number of blocks compiled."""
+    if mode not in COMPILE_MODES or mode is None:
+        raise ValueError(f"compile mode {mode!r}: expected one of {COMPILE_MODES[1:]}")
+    llama = getattr(model, "llama", model)
+    layers = getattr(llama, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no LLaMA blocks to compile")
+    for block in layers:
+        block.compile(mode=None if mode == "default" else mode)
+    return len(layers)
+
+
 def _wrap(model: nn.Module, env: DistEnv, device: torch.device, fsdp: bool) -> nn.Module:
     """DDP over ranks; with ``fsdp`` the model is sharded instead (``use_orig_params`` lets the
     frozen LLaMA and the trainable adapter share FSDP units; meant for 7B on several GPUs and
@@ -383,6 +408,8 @@ def train_phase(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     prepare_precision(model, device, cfg.amp)
+    if cfg.compile_blocks:
+        compile_blocks(model, cfg.compile_blocks)
     order = ShardedOrder(len(dataset), env.world_size, env.rank, cfg.seed)
     per_epoch = order.n_batches(cfg.batch_size) // cfg.accum_iter
     if per_epoch < 1:
@@ -560,7 +587,7 @@ def _load_checkpoint(
 ) -> int:
     state = safe_torch_load(path)
     saved = TrainConfig.from_dict(state["train_config"])
-    free = {"stop_after", "log_every", "save_every", "threads", "amp", "fsdp"}  # may differ
+    free = {"stop_after", "log_every", "save_every", "threads", "amp", "fsdp", "compile_blocks"}
     changed = {
         f.name
         for f in fields(TrainConfig)
@@ -1015,6 +1042,11 @@ def _parser() -> argparse.ArgumentParser:
         )
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype on GPU")
     p.add_argument("--fsdp", action="store_true", help="FSDP instead of DDP under torchrun")
+    p.add_argument(
+        "--compile-blocks",
+        choices=[m for m in COMPILE_MODES if m],
+        help="torch.compile each LLaMA block in this mode (GPU; reduce-overhead: CUDA graphs)",
+    )
     return p
 
 

@@ -274,3 +274,38 @@ def test_torch_cache_on_gpu_equals_cpu():
         out = TorchCache(bank, dtype=dtype)(query.cuda(), 10, 20.0, 0.5)
         assert out.device.type == "cuda"
         torch.testing.assert_close(out.cpu(), expected, atol=1e-3, rtol=1e-3)
+
+
+def test_step_profiles_group_kernels_and_write_tables(tmp_path):
+    """benchmarks/profile_steps.py on CPU: one decode and one training step, operators grouped
+    by kind (shares sum to one), FLOP-derived rates, JSON and markdown written."""
+    from benchmarks import profile_steps
+
+    assert profile_steps.kind_of("nvjet_sm90_tst_128x8_64x12_4x1_v_bz_bias_TNT") == "matmul"
+    assert profile_steps.kind_of("pytorch_flash::flash_fwd_kernel") == "attention"
+    assert profile_steps.kind_of("multi_tensor_apply_kernel<AdamW>") == "optimiser"
+    assert profile_steps.kind_of("vectorized_elementwise_kernel<silu>") == "elementwise"
+    out = profile_steps.main(
+        [
+            "--what",
+            "decode,train,cache",
+            "--steps",
+            "1",
+            "--cache-n",
+            "2000",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    whats = [r["what"] for r in out["rows"]]
+    assert (
+        whats[0].startswith("cache 2,000 x 1024")
+        and "decode step, batch 16 (eager static)" in whats
+    )
+    assert "train finetune 4x512" in whats
+    for row in out["rows"]:
+        assert row["busy_ms"] > 0 and abs(sum(row["share"].values()) - 1) < 0.01
+    train = next(r for r in out["rows"] if r["what"] == "train pretrain 4x96")
+    assert train["share"]["matmul"] > 0.2 and train["model_tflops"] > 0
+    assert json.loads((tmp_path / "profile.json").read_text())["meta"]["config"] == "tiny/tiny"
+    assert "| train pretrain 32x96 |" in (tmp_path / "profile.md").read_text()

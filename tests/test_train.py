@@ -179,6 +179,27 @@ def test_checkpoint_and_metrics_contents(tmp_path):
     assert ((metrics[gates].iloc[-1].abs() > 0) & (metrics[gates].iloc[-1].abs() < 1)).all()
 
 
+def test_compiled_blocks_train_like_eager_ones(tmp_path):
+    """TrainConfig.compile_blocks: the same losses and parameters as the eager run (CPU
+    inductor), and a resume may switch it on or off."""
+    runs = {}
+    for mode in (None, "default"):
+        model = tiny_model()
+        mark_trainable(model, "pretrain")
+        cfg = small_cfg(epochs=1, compile_blocks=mode)
+        train_phase(model, Synthetic(), cfg, tmp_path / str(mode), progress=False)
+        compiled = [b._compiled_call_impl is not None for b in model.llama.layers]
+        assert all(compiled) == (mode is not None)
+        runs[mode] = (pd.read_csv(tmp_path / str(mode) / METRICS), model)
+    (eager, eager_model), (comp, comp_model) = runs[None], runs["default"]
+    assert len(comp) == len(eager) == 3
+    assert (comp["loss"] - eager["loss"]).abs().max() < 1e-4
+    for (name, p), q in zip(eager_model.named_parameters(), comp_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="compile_blocks"):
+        TrainConfig(compile_blocks="fastest")
+
+
 def test_config_validation_and_presets():
     with pytest.raises(ValueError, match="phase"):
         TrainConfig(phase="posttrain")
