@@ -172,3 +172,38 @@ def test_trained_ablations_reuse_complete_variants_and_retrain_stale_ones(ablati
     other = {**TINY_BUDGET, "finetune": {"epochs": 1, "max_examples": 64}}
     _, seconds = studies.train_variant(default, VARIANTS["norm only"], runs["norm only"], other)
     assert seconds > 0  # another budget: trained again
+
+
+def test_linear_probes_find_attribute_information_and_where_it_is_lost():
+    """bind_probes: an attribute the features carry is decodable from the encoder and from a
+    random bind network's output; a bind network that drops its input leaves chance."""
+    from types import SimpleNamespace
+
+    from ibllm_lab.world import ATTRIBUTES
+
+    gen = torch.Generator().manual_seed(0)
+    colours = torch.randint(len(ATTRIBUTES["color"]), (600,), generator=gen)
+    centres = F.normalize(torch.randn(len(ATTRIBUTES["color"]), 256, generator=gen), dim=-1)
+    feats = F.normalize(centres[colours] + 0.15 * torch.randn(600, 256, generator=gen), dim=-1)
+    scenes = [
+        SimpleNamespace(attributes={"color": ATTRIBUTES["color"][c], "size": "small"})
+        for c in colours.tolist()
+    ]
+    train, test = (scenes[:400], feats[:400]), (scenes[400:], feats[400:])
+    shuffled = np.random.default_rng(0).permutation(colours[400:].numpy())
+    assert studies.linear_probe_accuracy(feats[:400], colours[:400], feats[400:], shuffled) < 0.4
+    torch.manual_seed(0)
+    model = ImageBindLLM(
+        LlamaConfig.from_name("tiny", n_layers=2, vocab_size=97),
+        AdapterConfig.from_name("tiny", query_layer=2),
+    )
+    table = studies.bind_probes(model, train, test, attributes=["color"], steps=200)
+    assert table.loc["color", "encoder"] > 0.95 and table.loc["color", "bind output"] > 0.5
+    assert table.loc["color", "chance"] == pytest.approx(1 / 6)
+    with torch.no_grad():  # a bind network whose projection is zero: a constant output
+        model.image_bind_proj.weight.zero_()
+        model.image_bind_proj.bias.zero_()
+    lost = studies.bind_probes(model, train, test, attributes=["color"], steps=200)
+    assert lost.loc["color", "bind output"] < 0.35 < 0.95 < lost.loc["color", "encoder"]
+    with pytest.raises(ValueError, match="one label per row"):
+        studies.linear_probe_accuracy(feats[:10], colours[:9], feats[:5], colours[:5])
