@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--train-compile-mode",
         default=None,
+        choices=["default", "reduce-overhead", "max-autotune"],
         help="torch.compile mode for --train-compile, e.g. reduce-overhead (CUDA graphs)",
     )
     model.add_argument(

@@ -504,9 +504,6 @@ def attribute_truth(scenes: Sequence[Any], attributes: Iterable[str]) -> dict[st
     return {a: np.array([ATTRIBUTES[a].index(s.attributes[a]) for s in scenes]) for a in attributes}
 
 
-# ----------------------------------------------------------------------------- ablations
-
-
 def linear_probe_accuracy(
     train_x: torch.Tensor,
     train_y: np.ndarray | torch.Tensor,
@@ -547,6 +544,8 @@ def bind_probes(
     (what every injected layer receives). ``train`` / ``test``: (scenes, features) pairs.
     An attribute the encoder carries but the bind output does not was squeezed out in
     pre-training, and fine-tuning (bind network frozen) cannot bring it back."""
+    from ibllm_lab.world import ATTRIBUTES
+
     (train_scenes, train_x), (test_scenes, test_x) = train, test
     with torch.no_grad():
         device = model.device
@@ -555,18 +554,18 @@ def bind_probes(
     for attribute in attributes:
         ytr = attribute_truth(train_scenes, [attribute])[attribute]
         yte = attribute_truth(test_scenes, [attribute])[attribute]
-        values = sorted(set(ytr) | set(yte))
-        ytr = np.array([values.index(v) for v in ytr])
-        yte = np.array([values.index(v) for v in yte])
         rows.append(
             {
                 "attribute": attribute,
                 "encoder": linear_probe_accuracy(train_x, ytr, test_x, yte, steps),
                 "bind output": linear_probe_accuracy(bound[0], ytr, bound[1], yte, steps),
-                "chance": 1 / len(values),
+                "chance": 1 / len(ATTRIBUTES[attribute]),
             }
         )
     return pd.DataFrame(rows).set_index("attribute")
+
+
+# ----------------------------------------------------------------------------- ablations
 
 
 @contextmanager

@@ -349,13 +349,13 @@ def prepare_precision(model: nn.Module, device: torch.device, amp: str) -> None:
         cast_frozen(model, half)
 
 
-def compile_blocks(model: nn.Module, mode: str | None = "default") -> int:
+def compile_blocks(model: nn.Module, mode: str = "default") -> int:
     """``torch.compile`` every block of ``model.llama`` (or of ``model`` itself, a ``Llama``)
     in place, in ``mode``: regional compilation, one graph for all blocks of a kind, so that
     compiling costs one block's time, not the model's. Fuses the norms, rotary embedding and
     SwiGLU elementwise work; "reduce-overhead" also replays each block as a CUDA graph (the
     launch-bound small batches gain most). Returns the number of blocks compiled."""
-    if mode not in COMPILE_MODES or mode is None:
+    if mode is None or mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}: expected one of {COMPILE_MODES[1:]}")
     llama = getattr(model, "llama", model)
     layers = getattr(llama, "layers", None)

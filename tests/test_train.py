@@ -189,13 +189,18 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path):
         cfg = small_cfg(epochs=1, compile_blocks=mode)
         train_phase(model, Synthetic(), cfg, tmp_path / str(mode), progress=False)
         compiled = [b._compiled_call_impl is not None for b in model.llama.layers]
-        assert all(compiled) == (mode is not None)
+        assert compiled == [mode is not None] * len(compiled)
         runs[mode] = (pd.read_csv(tmp_path / str(mode) / METRICS), model)
     (eager, eager_model), (comp, comp_model) = runs[None], runs["default"]
     assert len(comp) == len(eager) == 3
     assert (comp["loss"] - eager["loss"]).abs().max() < 1e-4
     for (name, p), q in zip(eager_model.named_parameters(), comp_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+    resumed = tiny_model()  # the eager run's checkpoint resumes with compilation switched on
+    mark_trainable(resumed, "pretrain")
+    cfg = small_cfg(epochs=1, compile_blocks="default")
+    result = train_phase(resumed, Synthetic(), cfg, tmp_path / "None", progress=False)
+    assert result.resumed_from == result.steps == 3
     with pytest.raises(ValueError, match="compile_blocks"):
         TrainConfig(compile_blocks="fastest")
 
