@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ibllm_lab.encoders import EncoderConfig, train_encoders
+from ibllm_lab.encoders import EncoderConfig, default_encoder_path, train_encoders
 from ibllm_lab.io import write_json_atomic
 from ibllm_lab.world import World, WorldConfig, generate_world
 
@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse-world", action="store_true", help="load --world-dir if it exists")
     p.add_argument("--measure", action="store_true", help="also run alignment.measure_all")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "world_encoders.json")
+    p.add_argument(
+        "--save",
+        action="store_true",
+        help="also save the encoder as the world's default (what load_default_encoders loads)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -87,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         "train_steps_s": {k: round(v, 2) for k, v in history.items() if k.endswith("_s")},
         "final_losses": {k: round(v[-1], 4) for k, v in history.items() if isinstance(v, list)},
     }
+    if args.save:  # after the timing: saving is not part of the budget
+        enc.save(
+            default_encoder_path(world.root),
+            extra={"world_fingerprint": world.fingerprint(), "preset": args.encoder_preset},
+        )
     if args.measure:
         from ibllm_lab.alignment import measure_all
 

@@ -104,6 +104,9 @@ ENCODER_PRESETS: dict[str, dict] = {
         partial_caption_weights=(0.1, 0.1, 0.1, 0.6, 0.1),
         partial_caption_prob=0.5,
         stage2_rerender_every={"Video": 3, "Audio": 3, "Point": 1, "Depth": 2},
+        # set-abstraction point tower: point -> image R@5 0.93 -> 0.97, zero-shot point shape
+        # 0.45 -> 0.51 and count 0.64 -> 0.70, for 17 s more of point stage on two threads
+        point_groups=32,
     ),
     "quick": dict(
         embed_dim=64,
@@ -161,10 +164,22 @@ class EncoderConfig:
     # k of the point tower's nearest-neighbour offsets (0 = none); on the default world k = 8
     # lifted point -> image R@5 from 0.89 to 0.94 for a third more point-stage time
     point_neighbours: int = 8
+    # the point tower: 0 = one PointNet over all points (PointTower, with point_neighbours);
+    # G > 0 = set abstraction over G groups of point_group_size points within
+    # point_group_radius (PointGroupTower)
+    point_groups: int = 0
+    point_group_size: int = 32
+    point_group_radius: float = 0.35
 
     def __post_init__(self) -> None:
         if self.embed_dim < 2 or self.width < 1 or self.hidden < 1:
             raise ValueError("embed_dim >= 2, width >= 1 and hidden >= 1 are required")
+        if self.point_groups < 0 or self.point_group_size < 1 or self.point_group_radius <= 0:
+            raise ValueError(
+                "point_groups >= 0, point_group_size >= 1 and point_group_radius > 0 are "
+                f"required, got {self.point_groups}, {self.point_group_size}, "
+                f"{self.point_group_radius}"
+            )
         if self.batch_size < 2:
             raise ValueError(f"InfoNCE needs batch_size >= 2, got {self.batch_size}")
         if min(self.stage1_epochs, self.stage2_epochs) < 0 or self.lr <= 0:
@@ -415,6 +430,56 @@ class PointTower(nn.Module):
         return self.head(torch.cat([f.amax(dim=1), f.mean(dim=1)], dim=-1))
 
 
+class PointGroupTower(nn.Module):
+    """Set abstraction (PointNet++-style, one level): ``groups`` centroids (an evenly strided
+    subset of the points: the world's clouds are shuffled, and a scan-ordered cloud is still
+    covered), each with its ``group_size`` nearest points inside ``radius`` (the others
+    replaced by the centroid, so a group never reaches past ``radius``); a shared MLP on each
+    member's (offset / radius, rgb), max over the group, describes the local solid; then an
+    MLP per group on that, the centroid's xyz (absolute and relative to the cloud's centre),
+    rgb and the share of the group inside the ball, and max + mean pooling over groups:
+    (B, P, 6) -> (B, D). Trained supervised on the default world's point shape (15 epochs of
+    fresh renders) it reaches 0.85 on held-out scenes, where ``PointTower`` reaches 0.72."""
+
+    def __init__(
+        self, width: int, hidden: int, embed_dim: int, groups: int, group_size: int, radius: float
+    ):
+        super().__init__()
+        c1, c2 = 4 * width, 8 * width
+        self.groups, self.group_size, self.radius = groups, group_size, radius
+        self.local = nn.Sequential(
+            nn.Linear(6, c1), nn.GELU(), nn.Linear(c1, c2), nn.GELU(), nn.Linear(c2, c2)
+        )
+        self.group = nn.Sequential(nn.Linear(c2 + 10, c2), nn.GELU(), nn.Linear(c2, c2), nn.GELU())
+        self.head = nn.Sequential(
+            nn.Linear(2 * c2, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, p, _ = x.shape
+        centre_idx = torch.div(
+            torch.arange(min(self.groups, p), device=x.device) * p,
+            self.groups,
+            rounding_mode="floor",
+        )
+        xyz = x[..., :3]
+        centres = x[:, centre_idx]  # (B, G, 6)
+        with torch.no_grad():
+            dist, idx = torch.cdist(centres[..., :3], xyz).topk(
+                min(self.group_size, p), dim=-1, largest=False
+            )  # (B, G, K), nearest first: the centroid itself is idx[..., 0]
+            inside = dist <= self.radius
+            idx = torch.where(inside, idx, idx[..., :1])
+        rows = torch.arange(b, device=x.device)[:, None, None]
+        members = x[rows, idx]  # (B, G, K, 6)
+        offset = (members[..., :3] - centres[:, :, None, :3]) / self.radius
+        f = self.local(torch.cat([offset, members[..., 3:]], dim=-1)).amax(dim=2)  # (B, G, c2)
+        centred = centres[..., :3] - xyz.mean(dim=1, keepdim=True)
+        share = inside.to(x.dtype).mean(dim=-1, keepdim=True)
+        f = self.group(torch.cat([f, centres[..., :3], centred, centres[..., 3:], share], dim=-1))
+        return self.head(torch.cat([f.amax(dim=1), f.mean(dim=1)], dim=-1))
+
+
 class TextTower(nn.Module):
     """Mean of word + bigram embeddings, then an MLP: (B, L) ids (0 = pad) -> (B, D)."""
 
@@ -459,7 +524,13 @@ class BindLite(nn.Module):
                     d,
                 ),
                 Modality.AUDIO.value: AudioTower(p.audio.n_mels, p.audio.n_frames, w, h, d),
-                Modality.POINT.value: PointTower(w, h, d, cfg.point_neighbours),
+                Modality.POINT.value: (
+                    PointGroupTower(
+                        w, h, d, cfg.point_groups, cfg.point_group_size, cfg.point_group_radius
+                    )
+                    if cfg.point_groups
+                    else PointTower(w, h, d, cfg.point_neighbours)
+                ),
                 Modality.DEPTH.value: ConvTower(1, p.depth.size, w, h, d),
             }
         )

@@ -124,7 +124,7 @@ def build_probes(scenes: Sequence[Any], seed: int = 0) -> list[Probe]:
     true value or another with equal odds), a description and a caption request."""
     from ibllm_lab.data import CAPTION_INSTRUCTION
     from ibllm_lab.model import format_prompt
-    from ibllm_lab.world import _YESNO, ATTRIBUTE_QUESTIONS, ATTRIBUTES, CARRIES
+    from ibllm_lab.world import ATTRIBUTE_QUESTIONS, ATTRIBUTES, CARRIES, yesno_question
 
     rng = np.random.default_rng(seed)
     image_attrs = [a for a in ATTRIBUTES if a in CARRIES[Modality.IMAGE]]
@@ -137,7 +137,7 @@ def build_probes(scenes: Sequence[Any], seed: int = 0) -> list[Probe]:
         for attr in image_attrs:
             others = [v for v in ATTRIBUTES[attr] if v != truth[attr]]
             ask = truth[attr] if rng.random() < 0.5 else str(rng.choice(others))
-            q = _YESNO[attr].format(v=ask, medium="image")
+            q = yesno_question(attr, ask, "image")
             answer = "yes" if ask == truth[attr] else "no"
             probes.append(Probe(i, "yesno", attr, format_prompt(q), answer))
         probes.append(Probe(i, "describe", None, format_prompt("Describe the image."), ""))
@@ -221,12 +221,31 @@ def score(
         )
 
     for attr in ATTRIBUTES:
-        hits = [
-            answer_normalise(a) == p.answer
+        asked = [
+            (p, a)
             for p, a in zip(probes, answers, strict=True)
             if p.kind == "attribute" and p.attribute == attr
         ]
-        row("attribute", attr, "accuracy", hits, _chance(attr))
+        row(
+            "attribute",
+            attr,
+            "accuracy",
+            [answer_normalise(a) == p.answer for p, a in asked],
+            _chance(attr),
+        )
+        # test scenes whose (shape, colour) combination training saw, and the held-out
+        # combinations no training data shows (a compositional test)
+        for metric, novel in (
+            ("accuracy seen combinations", False),
+            ("accuracy novel combinations", True),
+        ):
+            hits = [
+                answer_normalise(a) == p.answer
+                for p, a in asked
+                if bool(scenes[p.scene].heldout) == novel
+            ]
+            if hits:
+                row("attribute", attr, metric, hits, _chance(attr))
         yes = [
             extract_yes_no(a) == p.answer
             for p, a in zip(probes, answers, strict=True)
@@ -527,14 +546,23 @@ def run_transfer(
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per condition: attribute accuracy on carried and uncarried attributes, yes/no
-    accuracy, attributes a description names correctly, caption CIDEr-D and BLEU-4."""
+    """One row per condition: attribute accuracy on carried and uncarried attributes (and on
+    carried ones split into test scenes of seen and of novel (held-out) shape-colour
+    combinations), yes/no accuracy, attributes a description names correctly, caption
+    CIDEr-D and BLEU-4."""
     single = df[df.kind.isin(["attribute", "yesno", "describe", "caption"])]
     out = {}
     for cond, g in single.groupby("condition", sort=False):
-        att = g[g.kind == "attribute"]
+        att = g[(g.kind == "attribute") & (g.metric == "accuracy")]
+        carried = g[(g.kind == "attribute") & (g.carried == True)]  # noqa: E712
         out[cond] = {
             "attr_carried": att[att.carried == True]["value"].mean(),  # noqa: E712
+            "attr_carried_seen": carried[carried.metric == "accuracy seen combinations"][
+                "value"
+            ].mean(),
+            "attr_carried_novel": carried[carried.metric == "accuracy novel combinations"][
+                "value"
+            ].mean(),
             "attr_uncarried": att[att.carried == False]["value"].mean(),  # noqa: E712
             "chance_uncarried": att[att.carried == False]["chance"].mean(),  # noqa: E712
             "yesno": g[g.kind == "yesno"]["value"].mean(),

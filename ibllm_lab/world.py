@@ -834,7 +834,7 @@ def make_question(
             if rng.random() < 0.5
             else str(rng.choice([v for v in ATTRIBUTES[attr] if v != value]))
         )
-        return attr, _YESNO[attr].format(v=ask, medium=medium), "yes" if ask == value else "no"
+        return attr, yesno_question(attr, ask, medium), "yes" if ask == value else "no"
     if kind == "choice":
         others = [v for v in ATTRIBUTES[attr] if v != value]
         opts = list(rng.choice(others, size=min(3, len(others)), replace=False)) + [value]
@@ -857,13 +857,23 @@ ATTRIBUTE_QUESTIONS = {
     "motion": "In which direction are the objects moving?",
 }
 _YESNO = {
-    "shape": "Are the objects in the {medium} {v}s?",
+    "shape": "Are the objects in the {medium} {v}?",  # v in the plural (yesno_question)
     "color": "Are the objects {v}?",
     "size": "Are the objects {v}?",
     "position": "Are the objects in the {v} of the {medium}?",
     "count": "Are there {v} objects?",
     "motion": "Are the objects {v}?",
 }
+
+
+def yesno_question(attr: str, ask: str, medium: str = "image") -> str:
+    """The yes/no question whether ``attr`` is ``ask``, in English ("Are the objects in the
+    image crosses?", "Is there one object?")."""
+    if attr == "count" and ask == "one":
+        return "Is there one object?"
+    if attr == "shape":
+        ask = PLURALS.get(ask, ask)
+    return _YESNO[attr].format(v=ask, medium=medium)
 
 
 def _alpaca_item(rng: np.random.Generator) -> dict[str, str]:

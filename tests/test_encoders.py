@@ -36,6 +36,7 @@ TINY_ENC = dict(
     batch_size=48,
     partial_warmup_epochs=3,
     stage2_rerender_every={"Audio": 2, "Point": 2, "Depth": 2},
+    point_groups=8,  # the set-abstraction point tower (the default preset's)
 )
 
 
@@ -243,3 +244,33 @@ def test_point_tower_neighbour_offsets():
     nearest = d.sort(dim=-1).values[..., :3]
     torch.testing.assert_close(off.norm(dim=-1), nearest)
     assert tower(x).shape == (2, 8) and PointTower(4, 16, 8, k=0)(x).shape == (2, 8)
+
+
+def test_point_group_tower_groups_stay_inside_the_radius():
+    """Set abstraction: a group is its centroid's nearest points within the radius (members
+    outside are replaced by the centroid), so points outside every ball change no group; the
+    tower ignores the order of the non-centroid points and has the configured width."""
+    from ibllm_lab.encoders import PointGroupTower
+
+    torch.manual_seed(0)
+    # group_size = every point: only the radius keeps a group local
+    tower = PointGroupTower(4, 16, 8, groups=4, group_size=40, radius=0.4).eval()
+    x = torch.rand(2, 40, 6)
+    x[:, :, :3] *= 0.2  # one cluster, inside the ball of every centroid (0, 10, 20, 30)
+    assert tower(x).shape == (2, 8)
+    near, far = x.clone(), x.clone()
+    # two non-centroid points pushed out in opposite directions (the cloud's mean stays)
+    near[:, 1, :3] += 0.8
+    near[:, 11, :3] -= 0.8
+    far[:, 1, :3] += 5.0
+    far[:, 11, :3] -= 5.0
+    with torch.no_grad():
+        torch.testing.assert_close(tower(far), tower(near))
+        assert not torch.allclose(tower(near), tower(x))
+        keep = [0, 10, 20, 30]
+        rest = torch.tensor([i for i in range(40) if i not in keep])
+        shuffled = x.clone()
+        shuffled[:, rest] = x[:, rest[torch.randperm(len(rest))]]
+        torch.testing.assert_close(tower(shuffled), tower(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="point_groups"):
+        EncoderConfig(point_groups=-1)

@@ -125,13 +125,21 @@ def test_run_transfer_end_to_end_writes_the_table(world, tmp_path):
     for m in ("Image", "Video", "Audio", "Point", "Depth"):
         assert {m, m + " + cache"} <= conditions
     assert {"text-only", "Image+Audio w=0.5", "Audio (noise 1) + cache"} <= conditions
-    audio = df[(df.condition == "Audio") & (df.kind == "attribute")].set_index("attribute")
+    attr_rows = df[df.kind == "attribute"]
+    audio = attr_rows[(attr_rows.condition == "Audio") & (attr_rows.metric == "accuracy")]
+    audio = audio.set_index("attribute")
+    # the split by shape-colour combination partitions the scenes of the "accuracy" row
+    image = attr_rows[(attr_rows.condition == "Image") & (attr_rows.attribute == "color")]
+    n = image.set_index("metric")["n"]
+    split = [m for m in n.index if m.startswith("accuracy ") and m.endswith("combinations")]
+    assert split and n[split].sum() == n["accuracy"]
     assert audio.loc["color", "carried"] and not audio.loc["position", "carried"]
     assert audio.loc["shape", "chance"] == pytest.approx(1 / 6)
     assert set(df[df.kind == "caption"].metric) == {"CIDEr", "BLEU-4"}
     assert ((df.value >= 0) & (df.value <= 100)).all()
     table = summary(df)
     assert {"attr_carried", "attr_uncarried", "yesno", "describe", "CIDEr"} <= set(table.columns)
+    assert {"attr_carried_seen", "attr_carried_novel"} <= set(table.columns)
     assert "Audio + cache" in table.index
 
 

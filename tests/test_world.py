@@ -25,6 +25,7 @@ from ibllm_lab.world import (
     generate_world,
     make_question,
     render_media,
+    yesno_question,
 )
 
 TINY = dict(n_scenes=60, image_size=32, video_size=24, video_frames=4, n_points=64, n_alpaca=20)
@@ -171,6 +172,9 @@ def test_questions_answer_the_scene():
         letter = next(ln[0] for ln in q.splitlines() if ln.endswith(attrs[attr]))
         assert a == letter and attr != "motion"
     assert describe(attrs) == "There are two small red rings in the top left."
+    assert yesno_question("shape", "cross") == "Are the objects in the image crosses?"
+    assert yesno_question("count", "one") == "Is there one object?"
+    assert yesno_question("count", "three", "video") == "Are there three objects?"
     assert answer_normalise(" The Top-Left. ") == "top left" and answer_normalise("Big") == "large"
 
 
