@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ibllm_lab.encoders import EncoderConfig, default_encoder_path, train_encoders
+from ibllm_lab.encoders import EncoderConfig, save_default_encoders, train_encoders
 from ibllm_lab.io import write_json_atomic
 from ibllm_lab.world import World, WorldConfig, generate_world
 
@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "final_losses": {k: round(v[-1], 4) for k, v in history.items() if isinstance(v, list)},
     }
     if args.save:  # after the timing: saving is not part of the budget
-        enc.save(
-            default_encoder_path(world.root),
-            extra={"world_fingerprint": world.fingerprint(), "preset": args.encoder_preset},
-        )
+        save_default_encoders(enc, world, args.encoder_preset)
     if args.measure:
         from ibllm_lab.alignment import measure_all
 

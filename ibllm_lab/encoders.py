@@ -104,8 +104,9 @@ ENCODER_PRESETS: dict[str, dict] = {
         partial_caption_weights=(0.1, 0.1, 0.1, 0.6, 0.1),
         partial_caption_prob=0.5,
         stage2_rerender_every={"Video": 3, "Audio": 3, "Point": 1, "Depth": 2},
-        # set-abstraction point tower: point -> image R@5 0.93 -> 0.97, zero-shot point shape
-        # 0.45 -> 0.51 and count 0.64 -> 0.70, for 17 s more of point stage on two threads
+        # set-abstraction point tower (bench_world_encoders.py, two threads): point -> image
+        # R@5 0.94 -> 0.97, zero-shot point shape 0.42 -> 0.50 and count 0.63 -> 0.70, for
+        # 16 s more of point stage
         point_groups=32,
     ),
     "quick": dict(
@@ -1196,8 +1197,16 @@ def load_default_encoders(world_dir: str | Path, device: torch.device | str = "c
                 return enc
             log.info("%s was trained on another world or config; retraining", path)
     enc = train_encoders(world, cfg, device=device)
-    enc.save(path, extra={"world_fingerprint": world.fingerprint(), "preset": preset})
+    save_default_encoders(enc, world, preset)
     return enc
+
+
+def save_default_encoders(encoder: BindLite, world: World, preset: str) -> Path:
+    """Save ``encoder`` as ``world``'s default (``default_encoder_path``), marked with the
+    world's fingerprint and the preset, so that :func:`load_default_encoders` loads it."""
+    path = default_encoder_path(world.root)
+    encoder.save(path, extra={"world_fingerprint": world.fingerprint(), "preset": preset})
+    return path
 
 
 def cli(argv: list[str]) -> int:

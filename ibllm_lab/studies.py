@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -106,9 +107,22 @@ def _forget_phases_of_other_encoder(run_dir: Path, encoder_fingerprint: str) -> 
     atomic_write_text(marker, encoder_fingerprint + "\n")
 
 
-def embedded_default(device=None, progress: bool = True) -> EmbeddedDefault:
+def embedded_default(device=None, progress: bool = True, threads: int = 2) -> EmbeddedDefault:
     """Load the embedded default's artefacts, building whatever is missing or stale (world,
-    encoders, base LM and both adapter phases, the cache index) through the library."""
+    encoders, base LM and both adapter phases, the cache index) through the library.
+
+    ``threads``: torch CPU threads while loading and building (at most the CPU count; the
+    caller's setting is restored after), so that a notebook that keeps one thread for its
+    tiny inference still trains on two cores, the benchmarks' setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    try:
+        return _embedded_default(device, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _embedded_default(device, progress: bool) -> EmbeddedDefault:
     from ibllm_lab.cache import FaissCache
     from ibllm_lab.encoders import load_default_encoders
     from ibllm_lab.runtime import data_dir, is_quick

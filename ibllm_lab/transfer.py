@@ -221,29 +221,19 @@ def score(
         )
 
     for attr in ATTRIBUTES:
-        asked = [
-            (p, a)
+        judged = [
+            (scenes[p.scene].heldout, answer_normalise(a) == p.answer)
             for p, a in zip(probes, answers, strict=True)
             if p.kind == "attribute" and p.attribute == attr
         ]
-        row(
-            "attribute",
-            attr,
-            "accuracy",
-            [answer_normalise(a) == p.answer for p, a in asked],
-            _chance(attr),
-        )
+        row("attribute", attr, "accuracy", [ok for _, ok in judged], _chance(attr))
         # test scenes whose (shape, colour) combination training saw, and the held-out
         # combinations no training data shows (a compositional test)
         for metric, novel in (
             ("accuracy seen combinations", False),
             ("accuracy novel combinations", True),
         ):
-            hits = [
-                answer_normalise(a) == p.answer
-                for p, a in asked
-                if bool(scenes[p.scene].heldout) == novel
-            ]
+            hits = [ok for heldout, ok in judged if bool(heldout) == novel]
             if hits:
                 row("attribute", attr, metric, hits, _chance(attr))
         yes = [
@@ -545,6 +535,11 @@ def run_transfer(
     return df
 
 
+def _mean(rows: pd.DataFrame, metric: str, carried: bool, column: str = "value") -> float:
+    """Mean ``column`` of the attribute ``rows`` with ``metric`` on (not) carried attributes."""
+    return rows[(rows.metric == metric) & (rows.carried == carried)][column].mean()
+
+
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per condition: attribute accuracy on carried and uncarried attributes (and on
     carried ones split into test scenes of seen and of novel (held-out) shape-colour
@@ -553,18 +548,13 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     single = df[df.kind.isin(["attribute", "yesno", "describe", "caption"])]
     out = {}
     for cond, g in single.groupby("condition", sort=False):
-        att = g[(g.kind == "attribute") & (g.metric == "accuracy")]
-        carried = g[(g.kind == "attribute") & (g.carried == True)]  # noqa: E712
+        att = g[g.kind == "attribute"]
         out[cond] = {
-            "attr_carried": att[att.carried == True]["value"].mean(),  # noqa: E712
-            "attr_carried_seen": carried[carried.metric == "accuracy seen combinations"][
-                "value"
-            ].mean(),
-            "attr_carried_novel": carried[carried.metric == "accuracy novel combinations"][
-                "value"
-            ].mean(),
-            "attr_uncarried": att[att.carried == False]["value"].mean(),  # noqa: E712
-            "chance_uncarried": att[att.carried == False]["chance"].mean(),  # noqa: E712
+            "attr_carried": _mean(att, "accuracy", True),
+            "attr_carried_seen": _mean(att, "accuracy seen combinations", True),
+            "attr_carried_novel": _mean(att, "accuracy novel combinations", True),
+            "attr_uncarried": _mean(att, "accuracy", False),
+            "chance_uncarried": _mean(att, "accuracy", False, "chance"),
             "yesno": g[g.kind == "yesno"]["value"].mean(),
             "describe": g[g.kind == "describe"]["value"].mean(),
             "CIDEr": g[(g.kind == "caption") & (g.metric == "CIDEr")]["value"].mean(),

@@ -207,3 +207,15 @@ def test_linear_probes_find_attribute_information_and_where_it_is_lost():
     assert lost.loc["color", "bind output"] < 0.35 < 0.95 < lost.loc["color", "encoder"]
     with pytest.raises(ValueError, match="one label per row"):
         studies.linear_probe_accuracy(feats[:10], colours[:9], feats[:5], colours[:5])
+
+
+def test_embedded_default_restores_the_callers_thread_count(ablations):
+    """Loading (or building) the embedded default runs on ``threads`` torch threads and gives
+    the caller's setting back, so a notebook's one-thread inference stays one thread."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        studies.embedded_default(progress=False, threads=2)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
