@@ -231,6 +231,32 @@ def test_stage2_rerender_and_realign(encoder, world):
         EncoderConfig(stage2_rerender_every={"Image": 1})
 
 
+def test_stage2_epochs_by_modality(encoder, world):
+    """``stage2_epochs_by_modality`` sets one modality's stage-2 epochs; the others keep
+    ``stage2_epochs``; a plain ``stage2_epochs`` override in ``realign`` applies to all."""
+    from ibllm_lab.encoders import _batches, realign
+
+    per_epoch = len(_batches(len(world.split("train")), encoder.cfg.batch_size, torch.Generator()))
+    hist: dict = {}
+    two = realign(
+        encoder,
+        world,
+        ["Audio", "Depth"],
+        stage2_epochs=3,
+        stage2_epochs_by_modality={"audio": 2},
+        history=hist,
+    )
+    assert two.cfg.stage2_epochs_by_modality == {"Audio": 2}
+    assert (len(hist["Audio"]), len(hist["Depth"])) == (2 * per_epoch, 3 * per_epoch)
+    hist = {}
+    realign(two, world, ["Audio"], stage2_epochs=1, history=hist)
+    assert len(hist["Audio"]) == per_epoch
+    with pytest.raises(ValueError, match="stage2_epochs_by_modality"):
+        EncoderConfig(stage2_epochs_by_modality={"Text": 1})
+    with pytest.raises(ValueError, match="stage2_epochs_by_modality"):
+        EncoderConfig(stage2_epochs_by_modality={"Point": -1})
+
+
 def test_point_tower_neighbour_offsets():
     """With ``point_neighbours`` k > 0 each point also sees the offsets to its k nearest
     other points, nearest first; the output width is the embedding width either way."""
