@@ -300,3 +300,30 @@ def test_point_group_tower_groups_stay_inside_the_radius():
         torch.testing.assert_close(tower(shuffled), tower(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="point_groups"):
         EncoderConfig(point_groups=-1)
+
+
+def test_point_group_tower_additive_colour():
+    """``colour="additive"``: changing the clouds' colours moves every embedding (before
+    normalisation) by the same vector, whatever the geometry, and geometry alone decides the
+    rest; ``"local"`` mixes the two."""
+    from ibllm_lab.encoders import PointGroupTower
+
+    torch.manual_seed(0)
+    geometry = torch.rand(3, 40, 3)  # three different solids
+    red, blue = torch.tensor([0.9, 0.1, 0.1]), torch.tensor([0.1, 0.2, 0.9])
+
+    def clouds(rgb):
+        return torch.cat([geometry, rgb.expand(3, 40, 3)], dim=-1)
+
+    additive = PointGroupTower(4, 16, 8, groups=4, group_size=8, radius=0.4, colour="additive")
+    local = PointGroupTower(4, 16, 8, groups=4, group_size=8, radius=0.4, colour="local")
+    with torch.no_grad():
+        shift = additive(clouds(blue)) - additive(clouds(red))  # (3, D)
+        torch.testing.assert_close(shift, shift[:1].expand_as(shift), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(additive(clouds(red))[0], additive(clouds(red))[1])
+        shift = local(clouds(blue)) - local(clouds(red))
+        assert not torch.allclose(shift, shift[:1].expand_as(shift), atol=1e-4)
+    with pytest.raises(ValueError, match="point_colour"):
+        EncoderConfig(point_colour="head")
+    with pytest.raises(ValueError, match="colour"):
+        PointGroupTower(4, 16, 8, groups=4, group_size=8, radius=0.4, colour="global")
