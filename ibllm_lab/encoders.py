@@ -116,6 +116,10 @@ ENCODER_PRESETS: dict[str, dict] = {
         point_group_size=24,
         point_colour="additive",
         stage2_epochs_by_modality={"Video": 8, "Point": 30},
+        # a pitch-shared timbre branch (AudioTower, same seed, three realignments): zero-shot
+        # audio shape 0.75 -> 0.83-0.84 (held-out combinations 0.27 -> 0.50-0.53), colour
+        # 0.95 -> 0.88-0.94
+        audio_timbre_blur=5,
     ),
     "quick": dict(
         embed_dim=64,
@@ -187,6 +191,9 @@ class EncoderConfig:
     # how PointGroupTower takes colour: "local" (rgb in every MLP) or "additive" (groups see
     # geometry only; an MLP on the mean rgb is added to the output)
     point_colour: str = "local"
+    # AudioTower's timbre branch (0 = none; k = its 1-D CNN sees the log-mel map averaged
+    # over k mel bins, and a pitch-shared timbre branch is added; see AudioTower)
+    audio_timbre_blur: int = 0
 
     def __post_init__(self) -> None:
         if self.embed_dim < 2 or self.width < 1 or self.hidden < 1:
@@ -197,6 +204,8 @@ class EncoderConfig:
                 f"required, got {self.point_groups}, {self.point_group_size}, "
                 f"{self.point_group_radius}"
             )
+        if self.audio_timbre_blur < 0:
+            raise ValueError(f"audio_timbre_blur must be >= 0, got {self.audio_timbre_blur}")
         if self.point_colour not in POINT_COLOUR:
             raise ValueError(
                 f"point_colour must be one of {POINT_COLOUR}, got {self.point_colour!r}"
@@ -397,10 +406,30 @@ class VideoTower(nn.Module):
 
 
 class AudioTower(nn.Module):
-    """1-D CNN over log-mel frames, mel bins as channels: (B, 1, M, T) -> (B, D)."""
+    """1-D CNN over log-mel frames, mel bins as channels: (B, 1, M, T) -> (B, D).
 
-    def __init__(self, n_mels: int, n_frames: int, width: int, hidden: int, embed_dim: int):
+    ``timbre_blur`` k > 0 adds a timbre branch and splits the work between the two paths. The
+    1-D CNN sees the log-mel map averaged over k neighbouring mel bins: the pitch region, the
+    loudness and the notes in time, but not the fine pattern of partials. The timbre branch
+    runs convolutions *along frequency* over the loudest frame of every bin, then takes the
+    max over frequency. Its filters are shared by every pitch, so a timbre is recognised at
+    a pitch it was never heard at, and the branch's output is added to the CNN's. On the
+    default world's held-out shape-colour combinations, zero-shot audio shape rose from 0.27
+    to 0.53 with k = 5 (same seed). With k = 0 the 1-D CNN learns each (pitch, timbre)
+    pattern separately."""
+
+    def __init__(
+        self,
+        n_mels: int,
+        n_frames: int,
+        width: int,
+        hidden: int,
+        embed_dim: int,
+        timbre_blur: int = 0,
+    ):
         super().__init__()
+        if timbre_blur < 0:
+            raise ValueError(f"timbre_blur must be >= 0, got {timbre_blur}")
         c1, c2 = 4 * width, 8 * width
         self.conv = nn.Sequential(
             nn.Conv1d(n_mels, c1, 5, stride=2, padding=2),
@@ -412,9 +441,26 @@ class AudioTower(nn.Module):
         self.head = nn.Sequential(
             nn.Flatten(), nn.Linear(c2 * t, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
         )
+        self.blur = timbre_blur
+        if timbre_blur:
+            self.timbre = nn.Sequential(
+                nn.Conv1d(1, c1, 7, padding=3),
+                nn.GELU(),
+                nn.Conv1d(c1, c2, 5, padding=2),
+                nn.GELU(),
+            )
+            self.timbre_head = nn.Sequential(
+                nn.Linear(c2, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.conv(x[:, 0]))  # (B, M, T) -> (B, c2, T/4) -> (B, D)
+        if not self.blur:
+            return self.head(self.conv(x[:, 0]))  # (B, M, T) -> (B, c2, T/4) -> (B, D)
+        k = self.blur
+        coarse = F.avg_pool2d(x, (k, 1), stride=1, padding=(k // 2, 0))[:, :, : x.shape[2]]
+        out = self.head(self.conv(coarse[:, 0]))
+        spectrum = x.amax(dim=-1)  # (B, 1, M): each bin's loudest frame
+        return out + self.timbre_head(self.timbre(spectrum).amax(dim=-1))
 
 
 class PointTower(nn.Module):
@@ -578,7 +624,9 @@ class BindLite(nn.Module):
                     h,
                     d,
                 ),
-                Modality.AUDIO.value: AudioTower(p.audio.n_mels, p.audio.n_frames, w, h, d),
+                Modality.AUDIO.value: AudioTower(
+                    p.audio.n_mels, p.audio.n_frames, w, h, d, cfg.audio_timbre_blur
+                ),
                 Modality.POINT.value: (
                     PointGroupTower(
                         w,

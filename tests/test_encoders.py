@@ -302,6 +302,38 @@ def test_point_group_tower_groups_stay_inside_the_radius():
         EncoderConfig(point_groups=-1)
 
 
+def test_audio_tower_timbre_branch_is_shared_across_pitches():
+    """``timbre_blur`` k: the timbre branch's output does not change when the partials move
+    along the mel axis (a new pitch), and the 1-D CNN sees the map averaged over k bins."""
+    from ibllm_lab.encoders import AudioTower
+
+    torch.manual_seed(0)
+    tower = AudioTower(32, 15, 4, 16, 8, timbre_blur=5).eval()
+    x = torch.zeros(2, 1, 32, 15)
+    x[:, 0, [8, 12, 14], 3:9] = torch.tensor([1.0, 0.5, 0.3])[:, None]  # partials, one pitch
+    shifted = torch.roll(x, 6, dims=2)  # the same timbre six mel bins higher
+    with torch.no_grad():
+
+        def timbre(z):
+            return tower.timbre_head(tower.timbre(z.amax(dim=-1)).amax(dim=-1))
+
+        torch.testing.assert_close(timbre(shifted), timbre(x))
+        assert tower(x).shape == (2, 8)
+        assert not torch.allclose(tower(shifted), tower(x))  # the pitch still shows
+        seen = []
+        hook = tower.conv.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        tower(x)
+        hook.remove()
+        blurred = torch.nn.functional.avg_pool2d(x, (5, 1), stride=1, padding=(2, 0))[:, 0]
+        torch.testing.assert_close(seen[0], blurred)
+        one = AudioTower(32, 15, 4, 16, 8).eval()
+        assert not hasattr(one, "timbre") and one(x).shape == (2, 8)
+    with pytest.raises(ValueError, match="timbre_blur"):
+        AudioTower(32, 15, 4, 16, 8, timbre_blur=-1)
+    with pytest.raises(ValueError, match="audio_timbre_blur"):
+        EncoderConfig(audio_timbre_blur=-2)
+
+
 def test_point_group_tower_additive_colour():
     """``colour="additive"``: changing the clouds' colours moves every embedding (before
     normalisation) by the same vector, whatever the geometry, and geometry alone decides the
