@@ -18,12 +18,16 @@ Towers (all end in a linear map to ``embed_dim``; the output is L2-normalised):
 * image, depth: a 3-layer strided CNN over the picture, flattened (position survives);
 * text: mean of word and word-bigram embeddings (a vocabulary built from the world's
   captions; bigrams keep "top left" apart from "moving left"), then an MLP;
-* audio: a 1-D CNN over the log-mel spectrogram's frames (mel bins as channels);
-* video: ImageBind runs its vision encoder over 2-frame temporal patches; BindLite fuses all
-  frames at the input (frames stacked as channels) of a CNN like the image tower, so the first
-  layer sees frame differences and *could* carry motion. Trained with image pairs only, nothing
-  asks it to: motion is not bindable through images, and the alignment tables measure that;
-* point: PointNet (a shared per-point MLP, then max and mean pooling).
+* audio: a 1-D CNN over the log-mel spectrogram's frames (mel bins as channels); the default
+  preset adds a timbre branch whose filters slide along frequency, shared by every pitch
+  (``AudioTower``, ``audio_timbre_blur``);
+* video: the image tower run on every frame (ImageBind encodes video with its vision encoder;
+  stage 2 starts it from the trained image tower and keeps it frozen), then an MLP over the
+  frames' mean, max and last-minus-first difference. Trained with image pairs only, nothing
+  asks it to carry motion: motion is not bindable through images, and the alignment tables
+  measure that;
+* point: PointNet with nearest-neighbour offsets (``PointTower``) or, in the default preset,
+  one level of set abstraction with colour added to the geometry (``PointGroupTower``).
 
 The artefact (``BindLite.save``) holds the weights, the text vocabulary and every modality's
 preprocessing settings, so ``BindLite.load(path)`` alone can embed raw files.
