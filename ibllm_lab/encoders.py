@@ -124,7 +124,8 @@ ENCODER_PRESETS: dict[str, dict] = {
         stage2_epochs_by_modality={"Video": 8, "Point": 36},
         # a pitch-shared timbre branch (AudioTower, same seed, three realignments): zero-shot
         # audio shape 0.75 -> 0.83-0.84 (held-out combinations 0.27 -> 0.50-0.53), colour
-        # 0.95 -> 0.88-0.94
+        # 0.95 -> 0.88-0.94. All of it (benchmarks/results/world_encoders.json): world +
+        # encoders 177 s of the 180 s budget; audio shape 0.86, point shape 0.73
         audio_timbre_blur=5,
     ),
     "quick": dict(
