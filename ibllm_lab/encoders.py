@@ -578,14 +578,14 @@ class PointGroupTower(nn.Module):
         offset = (members[..., :3] - centres[:, :, None, :3]) / self.radius
         centred = centres[..., :3] - xyz.mean(dim=1, keepdim=True)
         share = inside.to(x.dtype).mean(dim=-1, keepdim=True)
-        if self.additive:
-            f = self.local(offset).amax(dim=2)  # (B, G, c2)
-            f = self.group(torch.cat([f, centres[..., :3], centred, share], dim=-1))
-            out = self.head(torch.cat([f.amax(dim=1), f.mean(dim=1)], dim=-1))
-            return out + self.colour(x[..., 3:].mean(dim=1))
-        f = self.local(torch.cat([offset, members[..., 3:]], dim=-1)).amax(dim=2)  # (B, G, c2)
-        f = self.group(torch.cat([f, centres[..., :3], centred, centres[..., 3:], share], dim=-1))
-        return self.head(torch.cat([f.amax(dim=1), f.mean(dim=1)], dim=-1))
+        # rgb of the members and of the centroid enter the MLPs unless colour is additive
+        member_rgb, centre_rgb = (
+            ((), ()) if self.additive else ((members[..., 3:],), (centres[..., 3:],))
+        )
+        f = self.local(torch.cat([offset, *member_rgb], dim=-1)).amax(dim=2)  # (B, G, c2)
+        f = self.group(torch.cat([f, centres[..., :3], centred, *centre_rgb, share], dim=-1))
+        out = self.head(torch.cat([f.amax(dim=1), f.mean(dim=1)], dim=-1))
+        return out + self.colour(x[..., 3:].mean(dim=1)) if self.additive else out
 
 
 class TextTower(nn.Module):
