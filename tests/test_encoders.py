@@ -334,6 +334,43 @@ def test_audio_tower_timbre_branch_is_shared_across_pitches():
         EncoderConfig(audio_timbre_blur=-2)
 
 
+def test_conv_tower_additive_colour():
+    """``colour="additive"``: the CNN sees each pixel's brightest channel only, so recolouring
+    an object at equal brightness changes the output by exactly the colour stream's change;
+    the colour stream pools over the picture, so moving the object by whole pooling blocks
+    leaves it unchanged. ``"joint"`` (one CNN over rgb) mixes colour into the geometry."""
+    from ibllm_lab.encoders import ConvTower
+
+    torch.manual_seed(0)
+    size = 16
+
+    def picture(rgb, x0, y0):
+        img = torch.full((3, size, size), 0.2)
+        img[:, y0 : y0 + 4, x0 : x0 + 6] = torch.tensor(rgb).view(3, 1, 1)
+        return img
+
+    red, green = (0.9, 0.1, 0.1), (0.1, 0.9, 0.2)  # same brightest channel
+    a = torch.stack([picture(red, 0, 0), picture(red, 8, 4)])
+    b = torch.stack([picture(green, 0, 0), picture(green, 8, 4)])
+    additive = ConvTower(3, size, 4, 32, 8, colour="additive", colour_pool=4)
+    joint = ConvTower(3, size, 4, 32, 8)
+    with torch.no_grad():
+        shift = additive(b) - additive(a)
+        torch.testing.assert_close(
+            shift, additive.colour_stream(b) - additive.colour_stream(a), atol=1e-5, rtol=1e-5
+        )
+        assert shift.abs().max() > 1e-3  # colour does reach the embedding
+        col = additive.colour_stream(a)
+        torch.testing.assert_close(col[0], col[1], atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(additive(a)[0], additive(a)[1])  # position still does
+        shift = joint(b) - joint(a)
+        assert not torch.allclose(shift[0], shift[1], atol=1e-4)
+    with pytest.raises(ValueError, match="image_colour"):
+        EncoderConfig(image_colour="split")
+    with pytest.raises(ValueError, match="3 input channels"):
+        ConvTower(1, size, 4, 32, 8, colour="additive")
+
+
 def test_point_group_tower_additive_colour():
     """``colour="additive"``: changing the clouds' colours moves every embedding (before
     normalisation) by the same vector, whatever the geometry, and geometry alone decides the
@@ -359,3 +396,16 @@ def test_point_group_tower_additive_colour():
         EncoderConfig(point_colour="head")
     with pytest.raises(ValueError, match="colour"):
         PointGroupTower(4, 16, 8, groups=4, group_size=8, radius=0.4, colour="global")
+
+
+def test_encoders_cli_rejects_bad_overrides(tmp_path, capsys):
+    """``ibllm-lab encoders --overrides`` takes EncoderConfig fields only, and says which
+    field it does not know before any training starts."""
+    from ibllm_lab.encoders import cli
+
+    with pytest.raises(SystemExit):
+        cli(["--world", str(tmp_path), "--overrides", '{"image_color": "additive"}'])
+    assert "unknown EncoderConfig fields ['image_color']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["--world", str(tmp_path), "--overrides", "[1]"])
+    assert "must be a JSON object" in capsys.readouterr().err
