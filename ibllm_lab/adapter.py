@@ -201,6 +201,10 @@ class ImageBindAdapter(nn.Module):
         adapter_cfg.check_against(llama_cfg)
         self.llama_cfg, self.adapter_cfg = llama_cfg, adapter_cfg
         self._build_bind_network(device, dtype)
+        if adapter_cfg.feature_norm:
+            d = adapter_cfg.encoder_dim
+            self.register_buffer("feature_mean", torch.zeros(d, device=device))
+            self.register_buffer("feature_std", torch.ones(d, device=device))
         if adapter_cfg.uses_prefix:
             n_tokens = adapter_cfg.query_layer * adapter_cfg.query_len
             self.prefix_query = nn.Embedding(n_tokens, llama_cfg.dim, device=device, dtype=dtype)
@@ -225,8 +229,31 @@ class ImageBindAdapter(nn.Module):
             setattr(self, f"image_bind_f2_{k}", nn.Linear(hidden, dim, bias=legacy, **kw))
             setattr(self, f"image_bind_f3_{k}", nn.Linear(dim, hidden, bias=legacy, **kw))
 
+    def set_feature_stats(self, feats: torch.Tensor) -> None:
+        """``feature_norm``'s statistics from ``feats (N, encoder_dim)`` (the pre-training
+        features; all-zero rows, text-only examples, are left out)."""
+        if not self.adapter_cfg.feature_norm:
+            raise ValueError("set_feature_stats needs AdapterConfig.feature_norm=True")
+        feats = feats.detach().float()
+        feats = feats[feats.norm(dim=-1) > 0]
+        if len(feats) < 2:
+            raise ValueError(f"need at least 2 non-zero features, got {len(feats)}")
+        with torch.no_grad():
+            self.feature_mean.copy_(feats.mean(0))
+            self.feature_std.copy_(feats.std(0).clamp(min=1e-6))
+
+    def normalise_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """``feature_norm`` (identity when off): ``(B, encoder_dim)`` standardised with the
+        stored statistics and L2-normalised; all-zero rows stay zero."""
+        if not self.adapter_cfg.feature_norm:
+            return feats
+        x = feats.float()
+        z = F.normalize((x - self.feature_mean) / self.feature_std, dim=-1)
+        return torch.where(x.norm(dim=-1, keepdim=True) > 0, z, torch.zeros_like(z))
+
     def bind(self, feats: torch.Tensor) -> torch.Tensor:
-        """The bind network: ``(B, encoder_dim) -> (B, dim)``."""
+        """The bind network: ``(B, encoder_dim) -> (B, dim)`` (after ``feature_norm``)."""
+        feats = self.normalise_features(feats)
         x = self.image_bind_proj(feats.to(self.image_bind_proj.weight.dtype))
         for k in range(1, self.adapter_cfg.bind_blocks + 1):
             norm, f1, f2, f3 = (
@@ -262,8 +289,9 @@ class ImageBindAdapter(nn.Module):
 
     def reset_adapter_parameters(self) -> None:
         """Initialise every adapter parameter as construction does: bind network, prefix query
-        and LoRA down-projections with PyTorch's defaults, norms to one, and gates, LLaMA
-        biases and LoRA up-projections to zero (so the model equals the base LLaMA). Used
+        and LoRA down-projections with PyTorch's defaults, norms to one, gates, LLaMA biases
+        and LoRA up-projections to zero (so the model equals the base LLaMA), and
+        ``feature_norm``'s statistics to mean 0, std 1. Used
         after building on the meta device, where nothing is initialised."""
         with torch.no_grad():
             for name, module in self.named_modules():
@@ -275,6 +303,9 @@ class ImageBindAdapter(nn.Module):
             for name, param in self.llama.named_parameters():
                 if name.endswith((".gate", ".bias")) or _LORA_UP.search(name):
                     param.zero_()
+            if self.adapter_cfg.feature_norm:  # identity statistics until set_feature_stats
+                self.feature_mean.zero_()
+                self.feature_std.fill_(1.0)
 
     @property
     def extra_positions(self) -> int:

@@ -258,6 +258,7 @@ def infer_adapter_config(
         "bind_eps": 1e-5 if legacy else 1e-6,
         "w_bias": "llama.layers.0.attention.wq.bias" in state,
         "lora_rank": 0 if lora is None else lora.shape[0],
+        "feature_norm": "feature_mean" in state,
     }
     if blocks:
         values["bind_hidden_ratio"] = state["image_bind_f1_1.weight"].shape[0] // llama_cfg.dim

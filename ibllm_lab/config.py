@@ -172,6 +172,10 @@ class AdapterConfig:
     - ``injection``: ``gated`` | ``prefix_attention`` | ``ungated`` | ``input_token``.
     - ``w_bias``: zero-initialised biases on wq, wo, w1, w2, w3; ``lora_rank``: LoRA on
       wq wk wv wo w1 w2 w3 (0 = off).
+    - ``feature_norm``: standardise each feature dimension with the pre-training features'
+      mean and standard deviation, then L2-normalise, before the bind network (buffers
+      ``feature_mean`` / ``feature_std``, saved in adapter checkpoints; all-zero features, no
+      perceptual input, stay zero). Not part of the released model (off by default).
     """
 
     encoder_dim: int = 1024
@@ -184,6 +188,7 @@ class AdapterConfig:
     injection: Literal["gated", "prefix_attention", "ungated", "input_token"] = "gated"
     w_bias: bool = True
     lora_rank: int = 16
+    feature_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.injection not in INJECTIONS:

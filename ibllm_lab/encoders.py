@@ -428,9 +428,7 @@ class ConvTower(nn.Module):
         )
         if self.additive:
             c = 2 * width
-            self.pixel = nn.Sequential(
-                nn.Conv2d(3, c, 1), nn.GELU(), nn.Conv2d(c, c, 1), nn.GELU()
-            )
+            self.pixel = nn.Sequential(nn.Conv2d(3, c, 1), nn.GELU(), nn.Conv2d(c, c, 1), nn.GELU())
             self.colour = nn.Sequential(
                 nn.Linear(2 * c, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
             )
@@ -454,9 +452,7 @@ class VideoTower(nn.Module):
     over their mean, max and last-minus-first difference (motion): (B, T, 3, S, S) -> (B, D).
     The MLP's last layer starts at zero, so an untrained head returns the mean frame."""
 
-    def __init__(
-        self, size: int, width: int, hidden: int, embed_dim: int, colour: str = "joint"
-    ):
+    def __init__(self, size: int, width: int, hidden: int, embed_dim: int, colour: str = "joint"):
         super().__init__()
         self.size = size
         self.frames = ConvTower(3, size, width, hidden, embed_dim, colour)

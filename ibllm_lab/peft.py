@@ -50,6 +50,9 @@ ATTENTION_LORA = ("wq", "wk", "wv", "wo")
 FFN_LORA = ("w1", "w2", "w3")
 
 
+FEATURE_STATS = ("feature_mean", "feature_std")  # AdapterConfig.feature_norm buffers
+
+
 def _add_lora(module: nn.Module, names: Iterable[str], rank: int, device: Device, dtype) -> None:
     """Give ``module`` siblings ``lora_<name>_l1`` / ``_l2`` for each projection ``name``."""
     for name in names:
@@ -202,8 +205,10 @@ def mark_trainable(model: nn.Module, phase: str) -> list[str]:
 
 
 def adapter_keys(model: nn.Module) -> set[str]:
-    """Everything the method trains in either phase: what an adapter checkpoint holds."""
-    return trainable_keys(model, "pretrain") | trainable_keys(model, "finetune")
+    """Everything the method trains in either phase: what an adapter checkpoint holds (plus
+    ``feature_norm``'s statistics, buffers set before pre-training, when the model has them)."""
+    stats = {k for k, _ in model.named_buffers() if k in FEATURE_STATS}
+    return trainable_keys(model, "pretrain") | trainable_keys(model, "finetune") | stats
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:

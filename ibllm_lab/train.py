@@ -156,6 +156,12 @@ class TrainConfig:
 # ("top *left*"); pre-training decides how much colour the bind network keeps (frozen in
 # fine-tuning); the frozen tiny LM barely uses the injected vector in pre-training (caption
 # colour words stay near chance), so its effect on the bind output drifts from run to run.
+# The "tiny" adapter preset standardises the features before the bind network
+# (AdapterConfig.feature_norm; two image embeddings have cosine 0.29 on average, a shared
+# direction): on 300 test scenes, seeds 0-2, image shape answers 0.89 -> 0.92-0.94 (held-out
+# combinations 0.71 -> 0.82-0.85), colour 0.87 -> 0.87-0.88 (held-out 0.67 -> 0.67-0.71).
+# Centring alone did worse (colour 0.78, held-out 0.44). The transfer table (445 scenes):
+# image attribute answers 0.946 -> 0.958 (held-out combinations 0.87 -> 0.90).
 _PRESET_TABLE: dict[str, dict[str, dict[str, Any]]] = {
     "reference": {
         "common": dict(batch_size=4, base_lr=1e-4, min_lr=0.0, warmup_epochs=1, amp="fp16"),
@@ -841,10 +847,13 @@ def train_adapter(
         examples = random.Random(cfg.seed).sample(examples, max_examples)
     max_len = min(cfg.max_words, model.llama_cfg.max_seq_len)
     dataset = FeatureDataset(examples, model.tokenizer, max_len, features, dim)
+    if init is None and model.adapter_cfg.feature_norm:
+        model.set_feature_stats(dataset.feats)  # this phase's (train split) features
     init_hash = hashlib.sha256(Path(init).read_bytes()).hexdigest()[:16] if init else None
     # only non-default choices extend the fingerprint, so earlier runs still resume
     variant = [f"adapter={sorted(overrides.items())}"] if overrides else []
     variant += [f"examples={max_examples}"] if max_examples is not None else []
+    variant += ["feature_norm"] if model.adapter_cfg.feature_norm else []
     extra = {"fingerprint": _fingerprint(world, cfg.phase, dim, init_hash, *variant)}
     train_phase(
         model, dataset, cfg, out_dir, device=device, env=env, progress=progress, extra=extra

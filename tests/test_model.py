@@ -253,6 +253,54 @@ def test_modes_without_zero_gate_change_the_output(injection):
     assert (model.logits(tokens, torch.randn(2, ENC)) - base(tokens)).abs().max() > 1e-3
 
 
+def test_feature_norm_standardises_then_normalises_and_keeps_zero_rows():
+    """``feature_norm``: (x - mean) / std per dimension, L2-normalised, before the bind
+    network; statistics from the non-zero rows; all-zero features (no perceptual input) stay
+    zero, so zero gates still equal the base LLaMA and text-only stays text-only."""
+    base, model = _base_and_model(adapter_cfg(feature_norm=True))
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(50, ENC, generator=g) * torch.linspace(0.1, 3, ENC) + 2
+    model.set_feature_stats(torch.cat([train, torch.zeros(5, ENC)]))
+    torch.testing.assert_close(model.feature_mean, train.mean(0))
+    torch.testing.assert_close(model.feature_std, train.std(0))
+    x = torch.cat([torch.randn(3, ENC, generator=g), torch.zeros(1, ENC)])
+    want = torch.nn.functional.normalize((x[:3] - train.mean(0)) / train.std(0), dim=-1)
+    got = model.normalise_features(x)
+    torch.testing.assert_close(got[:3], want)
+    assert torch.equal(got[3], torch.zeros(ENC))
+    plain = ImageBindLLM(LLAMA, adapter_cfg())
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("feature_")}
+    )
+    torch.testing.assert_close(model.bind(x), plain.bind(got))
+    tokens = torch.randint(0, LLAMA.vocab_size, (4, 5))
+    torch.testing.assert_close(model.logits(tokens, x), base(tokens), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="feature_norm"):
+        plain.set_feature_stats(train)
+
+
+def test_feature_norm_statistics_travel_with_the_adapter_file(tmp_path):
+    from ibllm_lab.checkpoint import (
+        CheckpointError,
+        infer_adapter_config,
+        load_adapter,
+        read_adapter_file,
+        save_trainable,
+    )
+
+    _, model = _base_and_model(adapter_cfg(feature_norm=True))
+    model.set_feature_stats(torch.randn(20, ENC) + 1)
+    path = save_trainable(model, tmp_path / "adapter.pth")
+    state, _ = read_adapter_file(path)
+    assert infer_adapter_config(state, LLAMA).feature_norm is True
+    fresh = ImageBindLLM(LLAMA, adapter_cfg(feature_norm=True))
+    load_adapter(fresh, path)
+    assert torch.equal(fresh.feature_mean, model.feature_mean)
+    assert torch.equal(fresh.feature_std, model.feature_std)
+    with pytest.raises(CheckpointError, match="unexpected keys: feature_mean, feature_std"):
+        load_adapter(ImageBindLLM(LLAMA, adapter_cfg()), path)
+
+
 def test_every_parameter_is_a_meta_weight_or_an_adapter_key():
     model = ImageBindLLM(LLAMA, adapter_cfg())
     base = {"llama." + k for k in meta_keys(LLAMA)}

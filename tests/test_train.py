@@ -321,6 +321,16 @@ def test_adapter_overrides_are_trained_and_recorded(small_world_and_lm, tmp_path
     }
     assert set(ckpt["trainable"]) == expected  # norms and biases: no LoRA
     assert read_adapter_file(fine)[1]["adapter_config"] == acfg
+    # the tiny preset standardises features with pre-training's statistics, which the
+    # pre-training file records and fine-tuning carries unchanged
+    assert acfg["feature_norm"] is True
+    used = torch.stack([f for f in feats.values()])
+    std = state["feature_std"]
+    assert std.min() > 0 and not torch.allclose(std, torch.ones_like(std))
+    assert (state["feature_mean"].abs() <= used.abs().max(0).values + 1e-6).all()
+    fine_state = read_adapter_file(fine)[0]
+    for key in ("feature_mean", "feature_std"):
+        torch.testing.assert_close(fine_state[key], state[key], rtol=0, atol=0)
     with pytest.raises(ValueError, match="another adapter"):
         train_adapter(
             world, _phase_cfg("finetune"), llama, tmp_path / "clash", feats, init=pre,
