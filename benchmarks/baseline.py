@@ -181,6 +181,10 @@ class BaselineImageBindLLM(nn.Module):
             setattr(self, f"image_bind_f2_{k}", nn.Linear(hidden, dim, bias=False))
             setattr(self, f"image_bind_f3_{k}", nn.Linear(dim, hidden, bias=False))
         self.prefix_query = nn.Embedding(acfg.query_layer * acfg.query_len, dim)
+        self.feature_norm = getattr(acfg, "feature_norm", False)
+        if self.feature_norm:  # our option (not in the released model): standardise features
+            self.register_buffer("feature_mean", torch.zeros(acfg.encoder_dim))
+            self.register_buffer("feature_std", torch.ones(acfg.encoder_dim))
         self.llama = Transformer(cfg, acfg)
         self.criterion = nn.CrossEntropyLoss(ignore_index=0)
 
@@ -196,6 +200,10 @@ class BaselineImageBindLLM(nn.Module):
         return baseline
 
     def forward_visual(self, feats):
+        if self.feature_norm:
+            z = (feats.float() - self.feature_mean) / self.feature_std
+            z = z / z.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            feats = z * (feats.float().norm(dim=-1, keepdim=True) > 0)
         x = self.image_bind_proj(feats.to(self.image_bind_proj.weight.dtype))
         for k in range(1, self.acfg.bind_blocks + 1):
             n = getattr(self, f"image_bind_norm_{k}")(x)
