@@ -409,3 +409,6 @@ def test_encoders_cli_rejects_bad_overrides(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["--world", str(tmp_path), "--overrides", "[1]"])
     assert "must be a JSON object" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["--world", str(tmp_path), "--overrides", "{image_colour: additive}"])
+    assert "is not valid JSON" in capsys.readouterr().err
