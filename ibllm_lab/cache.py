@@ -8,6 +8,15 @@ the image distribution the model was trained on:
     out = normalize((1 - cache_weight) * query + cache_weight * prototype)
 
 The query is used as given (the fused feature is not re-normalised before the cache).
+
+An optional ``CacheGate`` (not part of the method; off unless passed as ``gate=``) makes the
+weight depend on how far the query sits from the image distribution: a query whose nearest
+cached image is as close as the bank's own images are to theirs (an image) is left alone,
+one further away (another modality) gets the full ``cache_weight``. ``calibrate_gate``
+sets its threshold from the bank alone, so it stays training-free. On the default world
+the method's cache costs image queries of held-out shape-colour combinations (their
+neighbours all show other combinations) while it helps every other modality; the gate
+keeps the help and removes most of that cost (``ibllm_lab.transfer``).
 The reference computes the weighted sum as ``sims @ prototypes``, which is only the
 per-sample sum at batch 1; here it is per sample at every batch size.
 
@@ -26,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +60,74 @@ MAX_SIM_ELEMENTS = 1 << 28
 RESCORE_FACTOR = 4
 
 
+@dataclass(frozen=True)
+class CacheGate:
+    """Per-query cache weight from the query's nearest-neighbour similarity ``s1``:
+    ``cache_weight * clamp((threshold - s1) / ramp, 0, 1)``: none at or above
+    ``threshold``, all of it at ``threshold - ramp`` and below (``ramp`` 0: a step).
+    Similarities are inner products of unit vectors. Build it with ``calibrate_gate``."""
+
+    threshold: float
+    ramp: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"CacheGate threshold must be finite, got {self.threshold}")
+        if not (math.isfinite(self.ramp) and self.ramp >= 0):
+            raise ValueError(f"CacheGate ramp must be finite and >= 0, got {self.ramp}")
+
+    def weights(self, top1: torch.Tensor, cache_weight: float) -> torch.Tensor:
+        """top1 (B,) float -> (B,) cache weights."""
+        if self.ramp == 0:
+            return float(cache_weight) * (top1 < self.threshold).to(top1.dtype)
+        return float(cache_weight) * ((self.threshold - top1) / self.ramp).clamp(0.0, 1.0)
+
+
+def calibrate_gate(
+    cache: FaissCache | TorchCache,
+    quantile: float = 0.01,
+    ramp: float = 0.1,
+    sample: int = 10_000,
+    seed: int = 0,
+) -> CacheGate:
+    """A ``CacheGate`` whose threshold is the ``quantile`` of the bank's own leave-one-out
+    nearest-neighbour similarity (over at most ``sample`` bank vectors, drawn with
+    ``seed``): a query closer to its nearest cached image than that fraction of cached
+    images are to theirs counts as an image and keeps its feature."""
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+    if cache.ntotal < 2:
+        raise ValueError(f"calibrating the gate needs a bank of >= 2 vectors, got {cache.ntotal}")
+    n = min(int(sample), cache.ntotal)
+    rows = np.sort(np.random.default_rng(seed).choice(cache.ntotal, n, replace=False))
+    if isinstance(cache, TorchCache):
+        vecs = cache.bank[torch.from_numpy(rows).to(cache.bank.device)].float()
+        sims, ids = (t.cpu().numpy() for t in cache.search(vecs, 2))
+    else:
+        vecs = cache.neighbours(rows[:, None])[:, 0]
+        sims, ids = cache.search(vecs, 2)
+    # the vector itself is normally its own first hit; otherwise (an exact duplicate, or an
+    # approximate index) the first hit is already another vector
+    loo = np.where(ids[:, 0] == rows, sims[:, 1], sims[:, 0])
+    loo = loo[np.isfinite(loo) & (ids[:, 1] >= 0)]
+    if loo.size == 0:
+        raise RuntimeError("no leave-one-out neighbours found: raise nprobe / ef_search")
+    return CacheGate(float(np.quantile(loo, quantile)), float(ramp))
+
+
 def apply_cache(
     query: torch.Tensor,
     neighbours: torch.Tensor,
     sims: torch.Tensor,
     cache_t: float,
     cache_weight: float,
+    gate: CacheGate | None = None,
 ) -> torch.Tensor:
     """The cache formula, given the retrieved neighbours.
 
     query (B, D); neighbours (B, K, D); sims (B, K) inner products of query and neighbours
-    (``-inf`` marks a missing neighbour). Returns (B, D) unit-norm, on the query's device and
+    (``-inf`` marks a missing neighbour). ``gate``: per-query weights (``CacheGate``)
+    instead of ``cache_weight`` for all. Returns (B, D) unit-norm, on the query's device and
     dtype; computed in float32.
     """
     if query.dim() != 2 or neighbours.dim() != 3 or sims.dim() != 2:
@@ -77,7 +144,12 @@ def apply_cache(
     weights = torch.softmax(sims.to(q.device, torch.float32) * float(cache_t), dim=-1)  # (B, K)
     neighbours = neighbours.to(q.device, torch.float32)
     prototype = F.normalize(torch.einsum("bk,bkd->bd", weights, neighbours), dim=-1)  # (B, D)
-    out = (1.0 - float(cache_weight)) * q + float(cache_weight) * prototype
+    if gate is None:
+        w: torch.Tensor | float = float(cache_weight)
+    else:
+        top1 = sims.to(q.device, torch.float32).amax(dim=-1)
+        w = gate.weights(top1, cache_weight)[:, None]  # (B, 1)
+    out = (1.0 - w) * q + w * prototype
     return F.normalize(out, dim=-1).to(query.dtype)
 
 
@@ -272,7 +344,12 @@ class FaissCache:
         return vecs.reshape(*ids.shape, self.dim)
 
     def __call__(
-        self, query: torch.Tensor, cache_size: int, cache_t: float, cache_weight: float
+        self,
+        query: torch.Tensor,
+        cache_size: int,
+        cache_t: float,
+        cache_weight: float,
+        gate: CacheGate | None = None,
     ) -> torch.Tensor:
         """query (B, D) on any device -> (B, D) unit-norm, same device and dtype."""
         _check_call(query, self.dim, self.ntotal, cache_size)
@@ -281,7 +358,7 @@ class FaissCache:
             raise RuntimeError("the cache search found no neighbour for a query: raise nprobe")
         neighbours = torch.from_numpy(self.neighbours(ids))
         sims_t = torch.from_numpy(sims).masked_fill(torch.from_numpy(ids < 0), -math.inf)
-        return apply_cache(query, neighbours, sims_t, cache_t, cache_weight)
+        return apply_cache(query, neighbours, sims_t, cache_t, cache_weight, gate)
 
 
 def _train_sample(x: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -371,11 +448,16 @@ class TorchCache:
 
     @torch.no_grad()
     def __call__(
-        self, query: torch.Tensor, cache_size: int, cache_t: float, cache_weight: float
+        self,
+        query: torch.Tensor,
+        cache_size: int,
+        cache_t: float,
+        cache_weight: float,
+        gate: CacheGate | None = None,
     ) -> torch.Tensor:
         """query (B, D) -> (B, D) unit-norm, same device and dtype as the query."""
         _check_call(query, self.dim, self.ntotal, cache_size)
         if self.bank.device != query.device:
             self.to(query.device)
         sims, ids = self.search(query, int(cache_size))
-        return apply_cache(query, self.bank[ids], sims, cache_t, cache_weight)
+        return apply_cache(query, self.bank[ids], sims, cache_t, cache_weight, gate)

@@ -66,7 +66,8 @@ class VisualCache(Protocol):
     ``cache_size`` nearest image embeddings of each query, mixes them with
     ``softmax(sim * cache_t)``, re-normalises the prototype, and returns
     ``normalize((1 - cache_weight) * query + cache_weight * prototype)`` on the query's
-    device and dtype.
+    device and dtype. ``FaissCache`` and ``TorchCache`` also take a keyword ``gate``
+    (``ibllm_lab.cache.CacheGate``: per-query weights), passed only when one is asked for.
     """
 
     def __call__(

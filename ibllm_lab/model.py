@@ -137,12 +137,15 @@ class ImageBindLLM(ImageBindAdapter):
         cache_t: float = 20,
         cache_weight: float = 0.5,
         use_cache: bool = True,
+        cache_gate: Any = None,
     ) -> torch.Tensor:
         """``{'Image': [tensor, weight], ...}`` -> fused feature ``(B, encoder_dim)``.
 
         Each modality is encoded (by the attached encoder; with none, the tensors are
         embeddings ``(B, encoder_dim)``), L2-normalised and fused with weights
-        ``w / (sum(w) + 1e-6)``; then the visual cache, if attached and ``use_cache``.
+        ``w / (sum(w) + 1e-6)``; then the visual cache, if attached and ``use_cache``
+        (``cache_gate``: an ``ibllm_lab.cache.CacheGate`` for per-query weights; None is
+        the method's fixed ``cache_weight``).
         """
         tensors, weights = split_inputs(inputs)
         if self.encoder is not None:
@@ -160,7 +163,8 @@ class ImageBindLLM(ImageBindAdapter):
         normed = [F.normalize(e.to(self.device).float(), dim=-1) for e in embeddings]
         feats = fuse(normed, weights)  # (B, encoder_dim), not re-normalised
         if use_cache and self.cache is not None:
-            feats = self.cache(feats, cache_size, cache_t, cache_weight)
+            gate = {} if cache_gate is None else {"gate": cache_gate}
+            feats = self.cache(feats, cache_size, cache_t, cache_weight, **gate)
         return feats
 
     def _features(self, feats: torch.Tensor | None, batch_size: int) -> torch.Tensor:
@@ -306,15 +310,19 @@ class ImageBindLLM(ImageBindAdapter):
         stream: Callable[[int, str], None] | None = None,
         seed: int | None = None,
         fast: bool = True,
+        cache_gate: Any = None,
     ) -> list[str]:
         """The reference's call: ``inputs`` ``{'Image': [tensor, weight], ...}`` (None:
         text-only), ``prompts`` already formatted. Batched, KV-cached; temperature 0 is
         greedy. Returns the generated text of each prompt, up to EOS. ``fast=False``
-        decodes with the model's own modules instead of ``FastGenerator``."""
+        decodes with the model's own modules instead of ``FastGenerator``; ``cache_gate``:
+        see :meth:`encode_inputs`."""
         feats = None
         if inputs is not None:
             with torch.no_grad():
-                feats = self.encode_inputs(inputs, cache_size, cache_t, cache_weight)
+                feats = self.encode_inputs(
+                    inputs, cache_size, cache_t, cache_weight, cache_gate=cache_gate
+                )
         return self.generate_from_feats(
             feats, prompts, max_gen_len, temperature, top_p, stream=stream, seed=seed, fast=fast
         )

@@ -454,6 +454,39 @@ def cache_sweep(
     return pd.DataFrame(rows)
 
 
+def gate_comparison(
+    queries: Mapping[Modality, torch.Tensor],
+    images: torch.Tensor,
+    cache: Any,
+    gate: Any,
+    setting: Mapping[str, float],
+    classifiers: Mapping[str, torch.Tensor] | None = None,
+    truth: Mapping[Modality, Mapping[str, np.ndarray]] | None = None,
+) -> pd.DataFrame:
+    """Each modality's queries without the cache, with the method's cache and with the gated
+    cache (``gate``: an ``ibllm_lab.cache.CacheGate``) at one ``setting`` (``cache_size``,
+    ``cache_t``, ``cache_weight``): the statistics of :func:`cache_sweep` plus ``pulled``,
+    the share of queries the cache moved. ``queries`` may include the image modality itself
+    (test images: the bank should hold other images). One row per (modality, cache)."""
+    size, t, weight = int(setting["cache_size"]), setting["cache_t"], setting["cache_weight"]
+    rows = []
+    for m, q in queries.items():
+        plain = F.normalize(q.float(), dim=-1)
+        for mode in ("off", "method", "gated"):
+            if mode == "off":
+                z = plain
+            else:
+                z = cache(q, size, t, weight, **({"gate": gate} if mode == "gated" else {}))
+            moved = (z.float() - plain).norm(dim=-1) > 1e-5
+            row: dict[str, Any] = {"modality": m.value, "cache": mode}
+            row |= {**embedding_stats(z, images), "pulled": float(moved.float().mean())}
+            if classifiers is not None and truth is not None and truth.get(m):
+                acc = zero_shot_accuracy(z, classifiers, truth[m])
+                row["zero_shot_accuracy"] = float(np.mean(list(acc.values())))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def settings_grid(**axes: Sequence[float]) -> list[dict[str, float]]:
     """The product of the given axes as a list of settings dicts."""
     names = list(axes)

@@ -55,7 +55,8 @@ class TransferConfig:
     ``n_scenes``: at most this many test scenes (None: all). ``mix``: the two modalities of
     the mixture condition (the first from scene A, the second from scene B), fused with the
     second's weight in ``mix_weights``. Cache options are the method's (size 10, t 20,
-    weight 0.5). ``max_gen_len``: tokens generated per probe kind.
+    weight 0.5); ``cache_gate_quantile`` and ``cache_gate_ramp`` add the gated cache's rows
+    (``ibllm_lab.cache.calibrate_gate``). ``max_gen_len``: tokens generated per probe kind.
     """
 
     modalities: tuple[str, ...] = MODALITIES
@@ -74,6 +75,11 @@ class TransferConfig:
     cache_size: int = 10
     cache_t: float = 20.0
     cache_weight: float = 0.5
+    # the gated cache (``ibllm_lab.cache.CacheGate``, not the method's): every condition is
+    # also evaluated "+ gated cache", the threshold at this quantile of the bank's own
+    # nearest-neighbour similarity (``calibrate_gate``; None: no gated rows)
+    cache_gate_quantile: float | None = 0.01
+    cache_gate_ramp: float = 0.1
     max_gen_len: dict[str, int] = field(
         default_factory=lambda: {"attribute": 6, "yesno": 3, "describe": 32, "caption": 32}
     )
@@ -94,6 +100,8 @@ class TransferConfig:
         self.weak_modalities = tuple(Modality.parse(m).value for m in self.weak_modalities)
         if self.weak_stage2_epochs < 0:
             raise ValueError(f"weak_stage2_epochs must be >= 0: {self.weak_stage2_epochs}")
+        if self.cache_gate_quantile is not None and not 0 < self.cache_gate_quantile < 1:
+            raise ValueError(f"cache_gate_quantile must lie in (0, 1): {self.cache_gate_quantile}")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> TransferConfig:
@@ -380,7 +388,9 @@ def evaluate_transfer(
 
     ``encoder``'s features of every scene are read through the on-disk cache in
     ``feature_dir`` (``compute_features``); ``cache`` (a ``VisualCache``, e.g. a
-    ``FaissCache`` over the train scenes' image features) adds the "with cache" rows;
+    ``FaissCache`` over the train scenes' image features) adds the "with cache" rows, and
+    with ``cfg.cache_gate_quantile`` (a ``FaissCache`` or ``TorchCache``) the "with gated
+    cache" rows (column ``cache_gate``);
     ``weak_encoder`` (same image tower, weaker alignment of ``cfg.weak_modalities``, see
     ``encoders.realign``) adds "<modality> (weak encoder)" rows (features cached in
     ``feature_dir/weak``).
@@ -403,20 +413,42 @@ def evaluate_transfer(
             weak_encoder, world, scenes, cfg.weak_modalities, Path(feature_dir) / "weak"
         )
         conditions += [(m, " (weak encoder)", weak[m], 0.0) for m in cfg.weak_modalities]
+    # (label suffix, uses the cache, gate)
+    modes: list[tuple[str, bool, Any]] = [("", False, None)]
+    if cache is not None:
+        modes.append((" + cache", True, None))
+        if cfg.cache_gate_quantile is not None:
+            from ibllm_lab.cache import calibrate_gate
+
+            gate = calibrate_gate(cache, cfg.cache_gate_quantile, cfg.cache_gate_ramp)
+            logger.info("gated cache: %s", gate)
+            modes.append((" + gated cache", True, gate))
     for m, label, f_m, noise in conditions:
-        for use_cache in (False, True) if cache is not None else (False,):
-            f = cache(f_m, cfg.cache_size, cfg.cache_t, cfg.cache_weight) if use_cache else f_m
-            name = m + label + (" + cache" if use_cache else "")
+        for suffix, use_cache, gate in modes:
+            gated = {} if gate is None else {"gate": gate}
+            f = (
+                cache(f_m, cfg.cache_size, cfg.cache_t, cfg.cache_weight, **gated)
+                if use_cache
+                else f_m
+            )
+            name = m + label + suffix
             cond = {
                 "condition": name,
                 "modality": m,
                 "cache": use_cache,
+                "cache_gate": gate is not None,
                 "weight": 1.0,
                 "noise": noise,
             }
             rows += score(probes, answer(model, f, probes, cfg.max_gen_len), scenes, cond)
             logger.info("%s done (%.0f s)", name, time.perf_counter() - t0)
-    cond = {"condition": "text-only", "modality": "none", "cache": False, "weight": 0.0}
+    cond = {
+        "condition": "text-only",
+        "modality": "none",
+        "cache": False,
+        "cache_gate": False,
+        "weight": 0.0,
+    }
     rows += score(probes, answer(model, None, probes, cfg.max_gen_len), scenes, cond)
     partner = [(i + 1) % len(scenes) for i in range(len(scenes))]
     rows += _mixture_rows(
@@ -581,8 +613,16 @@ def cli(argv: list[str]) -> int:
         type=int,
         help="stage-2 epochs of the weaker-alignment encoder (0: no weak-encoder rows)",
     )
+    p.add_argument(
+        "--cache-gate-quantile",
+        type=float,
+        help="gated-cache threshold: this quantile of the bank's own top-1 similarity "
+        "(default 0.01; 0: no gated-cache rows)",
+    )
     p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     args = p.parse_args(argv)
+    if args.cache_gate_quantile is not None and not 0 <= args.cache_gate_quantile < 1:
+        p.error(f"--cache-gate-quantile must lie in [0, 1), got {args.cache_gate_quantile}")
     device = torch.device(args.device) if args.device else default_device()
     encoder = (
         BindLite.load(args.encoder, device)
@@ -595,6 +635,11 @@ def cli(argv: list[str]) -> int:
         **(
             {"weak_stage2_epochs": args.weak_stage2_epochs}
             if args.weak_stage2_epochs is not None
+            else {}
+        ),
+        **(
+            {"cache_gate_quantile": args.cache_gate_quantile or None}
+            if args.cache_gate_quantile is not None
             else {}
         ),
     )

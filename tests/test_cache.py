@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ibllm_lab.cache import FaissCache, TorchCache, apply_cache
+from ibllm_lab.cache import CacheGate, FaissCache, TorchCache, apply_cache, calibrate_gate
 from ibllm_lab.modality import VisualCache
 
 D = 32
@@ -142,6 +142,67 @@ def test_torch_cache_blocks_queries_and_chunks_the_bank(monkeypatch):
     monkeypatch.setattr(cache_mod, "MAX_SIM_ELEMENTS", 2 * 500)  # 2 queries per block
     blocked = TorchCache(bank).search(query, 5)
     torch.testing.assert_close(blocked, whole)
+
+
+def naive_gated(query, bank, cache_size, cache_t, cache_weight, threshold, ramp):
+    """The gated cache per sample: the method's formula with the weight
+    ``cache_weight * clamp((threshold - top1) / ramp, 0, 1)`` of each query's own top-1."""
+    rows = []
+    for q in query:
+        top1 = float((bank.double() @ q.double()).max())
+        w = cache_weight * min(max((threshold - top1) / ramp, 0.0), 1.0)
+        rows.append(naive_cache(q[None], bank, cache_size, cache_t, w)[0])
+    return torch.stack(rows)
+
+
+def test_gated_cache_weights_each_query_by_its_nearest_neighbour():
+    bank = clustered(400, seed=11)
+    # queries at every distance from the bank: bank vectors (top-1 = 1), near and far
+    near = F.normalize(bank[:4] + 0.15 * unit(4, seed=12), dim=-1)
+    query = torch.cat([bank[4:7], near, unit(5, seed=13)])
+    top1 = (query @ bank.T).amax(dim=-1)
+    threshold = float(top1.median())
+    for cache in (FaissCache.build(bank), TorchCache(bank)):
+        for ramp in (0.0, 0.2):
+            gate = CacheGate(threshold, ramp)
+            out = cache(query, 10, 20.0, 0.5, gate=gate)
+            if ramp:
+                expected = naive_gated(query, bank, 10, 20.0, 0.5, threshold, ramp)
+            else:  # a step: the method's cache below the threshold, the query above
+                method = naive_cache(query, bank, 10, 20.0, 0.5)
+                below = (top1 < threshold)[:, None]
+                expected = torch.where(below, method, F.normalize(query.double(), dim=-1))
+            torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+        # a gate nothing passes leaves every query as it is; one everything passes at full
+        # weight is the method's cache
+        torch.testing.assert_close(cache(query, 10, 20.0, 0.5, gate=CacheGate(-2.0)), query)
+        torch.testing.assert_close(
+            cache(query, 10, 20.0, 0.5, gate=CacheGate(3.0, ramp=0.5)),
+            cache(query, 10, 20.0, 0.5),
+        )
+
+
+def test_calibrate_gate_is_the_banks_leave_one_out_quantile():
+    bank = clustered(500, seed=21)
+    sims = bank @ bank.T
+    sims.fill_diagonal_(-2.0)
+    loo = sims.amax(dim=1).numpy()
+    for cache in (FaissCache.build(bank), TorchCache(bank)):
+        for q in (0.01, 0.5):
+            gate = calibrate_gate(cache, quantile=q, ramp=0.05)
+            assert gate.threshold == pytest.approx(float(np.quantile(loo, q)), abs=1e-5)
+            assert gate.ramp == 0.05
+    # a sample of the bank estimates it
+    sampled = calibrate_gate(FaissCache.build(bank), quantile=0.5, sample=200)
+    assert sampled.threshold == pytest.approx(float(np.quantile(loo, 0.5)), abs=0.05)
+    with pytest.raises(ValueError, match="quantile must lie in"):
+        calibrate_gate(TorchCache(bank), quantile=1.0)
+    with pytest.raises(ValueError, match=">= 2 vectors"):
+        calibrate_gate(FaissCache.build(bank[:1]))
+    with pytest.raises(ValueError, match="ramp must be finite and >= 0"):
+        CacheGate(0.9, ramp=-0.1)
+    with pytest.raises(ValueError, match="threshold must be finite"):
+        CacheGate(float("nan"))
 
 
 def test_clear_errors(tmp_path):

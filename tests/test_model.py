@@ -457,6 +457,27 @@ def test_encode_inputs_uses_attached_encoder_and_cache():
     assert "encoder" not in dict(model.named_children())
 
 
+def test_encode_inputs_passes_a_cache_gate_to_the_cache():
+    from ibllm_lab.cache import CacheGate, TorchCache
+
+    bank = F.normalize(torch.randn(30, ENC), dim=-1)
+    cache = TorchCache(bank)
+    model = ImageBindLLM(LLAMA, adapter_cfg(), cache=cache)
+    # rows 0-1: cached vectors themselves (top-1 similarity 1, above the gate: kept);
+    # rows 2-3: random directions (far from the bank: pulled with the full weight)
+    emb = torch.cat([bank[:2], torch.randn(2, ENC)])
+    gate = CacheGate(threshold=0.99, ramp=0.0)
+    # cache_t 1: the prototype blends all 10 neighbours, so the method moves every row
+    opts = {"cache_size": 10, "cache_t": 1.0, "cache_weight": 0.5}
+    gated = model.encode_inputs({"Image": [emb, 1]}, **opts, cache_gate=gate)
+    direct = F.normalize(emb, dim=-1) * (1 / (1 + 1e-6))
+    assert torch.allclose(gated, cache(direct, 10, 1.0, 0.5, gate=gate), atol=1e-6)
+    assert torch.allclose(gated[:2], F.normalize(direct[:2], dim=-1), atol=1e-6)
+    method = model.encode_inputs({"Image": [emb, 1]}, **opts)
+    assert torch.allclose(gated[2:], method[2:], atol=1e-6)
+    assert not torch.allclose(gated[:2], method[:2], atol=1e-3)
+
+
 def test_cast_frozen_keeps_trainable_fp32_and_runs_under_autocast():
     model = ImageBindLLM(LLAMA, adapter_cfg())
     mark_trainable(model, "finetune")

@@ -39,6 +39,34 @@ def test_cache_sweep_weight_zero_is_identity_and_weight_moves_towards_images():
     assert by.loc[0.5, "centroid_distance"] < by.loc[0.0, "centroid_distance"]
 
 
+def test_gate_comparison_leaves_images_and_pulls_the_offset_modality():
+    from ibllm_lab.cache import calibrate_gate
+
+    # tight clusters: an image's nearest cached image is about as close as the bank's own
+    images, bank = clustered(40, noise=0.05, seed=1), clustered(400, noise=0.05, seed=1)[40:]
+    offsets = F.normalize(torch.randn(40, 16, generator=torch.Generator().manual_seed(3)), dim=-1)
+    audio = F.normalize(images + 2.0 * offsets, dim=-1)  # far from every cached image
+    cache = FaissCache.build(bank, "flat")
+    gate = calibrate_gate(cache, quantile=0.01, ramp=0.0)
+    setting = {"cache_size": 10, "cache_t": 20.0, "cache_weight": 0.5}
+    table = studies.gate_comparison(
+        {Modality.IMAGE: images, Modality.AUDIO: audio}, images, cache, gate, setting
+    ).set_index(["modality", "cache"])
+    assert table.loc[("Audio", "off"), "pulled"] == 0.0
+    assert table.loc[("Audio", "method"), "pulled"] == 1.0
+    # image queries sit as close to the bank as its own vectors: the gate keeps nearly all
+    assert table.loc[("Image", "gated"), "pulled"] <= 0.1
+    assert (
+        table.loc[("Image", "gated"), "cosine_to_paired_image"]
+        > table.loc[("Image", "method"), "cosine_to_paired_image"]
+    )
+    # the offset modality is far from every cached image: the gate pulls it like the method
+    assert table.loc[("Audio", "gated"), "pulled"] == 1.0
+    assert table.loc[("Audio", "gated"), "centroid_distance"] == pytest.approx(
+        table.loc[("Audio", "method"), "centroid_distance"]
+    )
+
+
 def test_index_comparison_exact_search_has_recall_one():
     bank = clustered(2000, dim=32, centres=20)
     table = studies.index_comparison(bank, bank[:50], ("flat", "ivf", "hnsw"), k=5, reps=1)

@@ -123,8 +123,11 @@ def test_run_transfer_end_to_end_writes_the_table(world, tmp_path):
     assert check["logits_equal_base"] == 1.0 and check["max_abs_diff"] == 0.0
     conditions = set(df.condition)
     for m in ("Image", "Video", "Audio", "Point", "Depth"):
-        assert {m, m + " + cache"} <= conditions
+        assert {m, m + " + cache", m + " + gated cache"} <= conditions
     assert {"text-only", "Image+Audio w=0.5", "Audio (noise 1) + cache"} <= conditions
+    gated = df[df.condition.str.endswith("gated cache")]
+    assert gated.cache.all() and gated.cache_gate.all()
+    assert not df[df.condition.str.endswith(" + cache")].cache_gate.any()
     attr_rows = df[df.kind == "attribute"]
     audio = attr_rows[(attr_rows.condition == "Audio") & (attr_rows.metric == "accuracy")]
     audio = audio.set_index("attribute")
@@ -183,3 +186,14 @@ def test_weak_encoder_rows_with_and_without_cache(world, tmp_path):
     for m in cfg.weak_modalities:
         assert {f"{m} (weak encoder)", f"{m} (weak encoder) + cache"} <= conditions
     assert (tmp_path / "train" / "features" / "weak" / "Audio.pt").exists()
+
+
+def test_gated_cache_settings_are_checked(tmp_path, capsys):
+    from ibllm_lab.transfer import cli
+
+    assert TransferConfig(cache_gate_quantile=None).cache_gate_quantile is None
+    with pytest.raises(ValueError, match="cache_gate_quantile must lie in"):
+        TransferConfig(cache_gate_quantile=1.0)
+    with pytest.raises(SystemExit):
+        cli(["--world", str(tmp_path), "--out", str(tmp_path), "--cache-gate-quantile", "1.5"])
+    assert "--cache-gate-quantile must lie in [0, 1)" in capsys.readouterr().err
