@@ -575,14 +575,21 @@ def _mean(rows: pd.DataFrame, metric: str, carried: bool, column: str = "value")
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per condition: attribute accuracy on carried and uncarried attributes (and on
     carried ones split into test scenes of seen and of novel (held-out) shape-colour
-    combinations), yes/no accuracy, attributes a description names correctly, caption
-    CIDEr-D and BLEU-4."""
+    combinations), on the bindable ones (carried by the modality and by images, which is
+    all that image-text training can teach: video's motion is carried, not bindable), yes/no
+    accuracy, attributes a description names correctly, caption CIDEr-D and BLEU-4."""
+    from ibllm_lab.world import carries
+
     single = df[df.kind.isin(["attribute", "yesno", "describe", "caption"])]
+    image_attrs = carries(Modality.IMAGE)
     out = {}
     for cond, g in single.groupby("condition", sort=False):
         att = g[g.kind == "attribute"]
+        bindable = att[(att.metric == "accuracy") & (att.carried == True)]  # noqa: E712
+        bindable = bindable[bindable.attribute.isin(image_attrs)]
         out[cond] = {
             "attr_carried": _mean(att, "accuracy", True),
+            "attr_bindable": bindable.value.mean(),
             "attr_carried_seen": _mean(att, "accuracy seen combinations", True),
             "attr_carried_novel": _mean(att, "accuracy novel combinations", True),
             "attr_uncarried": _mean(att, "accuracy", False),

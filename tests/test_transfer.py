@@ -142,7 +142,12 @@ def test_run_transfer_end_to_end_writes_the_table(world, tmp_path):
     assert ((df.value >= 0) & (df.value <= 100)).all()
     table = summary(df)
     assert {"attr_carried", "attr_uncarried", "yesno", "describe", "CIDEr"} <= set(table.columns)
-    assert {"attr_carried_seen", "attr_carried_novel"} <= set(table.columns)
+    assert {"attr_carried_seen", "attr_carried_novel", "attr_bindable"} <= set(table.columns)
+    # video carries motion, which images (and so image-text training) do not
+    video = attr_rows[(attr_rows.condition == "Video") & (attr_rows.metric == "accuracy")]
+    video = video[video.carried == True].set_index("attribute").value  # noqa: E712
+    assert table.loc["Video", "attr_bindable"] == pytest.approx(video.drop("motion").mean())
+    assert table.loc["Image", "attr_bindable"] == pytest.approx(table.loc["Image", "attr_carried"])
     assert "Audio + cache" in table.index
 
 
