@@ -149,7 +149,11 @@ ENCODER_PRESETS: dict[str, dict] = {
         # the "tiny" preset) that tower's seen-combination colour recovers (0.98-0.99, 2
         # seeds) but held-out combinations stay worse than with this preset's tower: shape
         # 0.67-0.72 against 0.82-0.85, colour 0.47-0.66 against 0.67-0.71. The additive
-        # tower with feature_norm is not measured yet.
+        # tower (renders reused for 2 epochs, video 6, depth 12 epochs: image -> text R@1
+        # 0.987, point shape 0.81, count 0.74, audio -> image R@5 0.87) with feature_norm:
+        # the LLaMA's image answers 0.942 against 0.958 with this preset (445 test scenes;
+        # colour 0.81 against 0.87, held-out combinations 0.57 against 0.69), its point
+        # answers 0.806 against 0.800, audio 0.822 against 0.835.
     ),
     "quick": dict(
         embed_dim=64,
