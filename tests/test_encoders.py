@@ -398,6 +398,32 @@ def test_point_group_tower_additive_colour():
         PointGroupTower(4, 16, 8, groups=4, group_size=8, radius=0.4, colour="global")
 
 
+def test_point_group_tower_distance_histogram():
+    """The D2 branch: the share of point pairs per distance bin (self-pairs in bin 0, far
+    pairs in the last), over an evenly strided subset of ``d2_points`` points."""
+    from ibllm_lab.encoders import POINT_D2_RANGE, PointGroupTower
+
+    tower = PointGroupTower(4, 16, 8, 4, 8, 0.4, d2_bins=6, d2_points=3)
+    width = POINT_D2_RANGE / 6
+    # three points: distances 0 (x3, self), 1.5 width (x2), 3.5 width (x2), 5 width (x2)
+    xyz = torch.tensor([[[0.0, 0, 0], [1.5 * width, 0, 0], [5 * width, 0, 0]]])
+    hist = tower.distance_histogram(xyz) / 6 * 9  # back to pair counts
+    torch.testing.assert_close(hist, torch.tensor([[3.0, 2, 0, 2, 0, 2]]))
+    # pairs beyond the range fall in the last bin
+    far = tower.distance_histogram(xyz * 10) / 6 * 9
+    torch.testing.assert_close(far, torch.tensor([[3.0, 0, 0, 0, 0, 6]]))
+    # a longer cloud uses points 0, P/3, 2P/3: the rest does not change the histogram
+    long = torch.zeros(1, 9, 3)
+    long[0, ::3] = xyz[0]
+    long[0, 1::3] = torch.rand(3, 3) * 5
+    torch.testing.assert_close(tower.distance_histogram(long), tower.distance_histogram(xyz))
+    with_d2 = PointGroupTower(4, 16, 8, 4, 8, 0.4, colour="additive", d2_bins=12)
+    clouds = torch.rand(2, 40, 6)
+    assert with_d2(clouds).shape == (2, 8) and with_d2.d2[0].in_features == 12
+    with pytest.raises(ValueError, match="point_d2_bins >= 0 and point_d2_points >= 2"):
+        EncoderConfig(point_d2_bins=-1)
+
+
 def test_encoders_cli_rejects_bad_overrides(tmp_path, capsys):
     """``ibllm-lab encoders --overrides`` takes EncoderConfig fields only, and says which
     field it does not know before any training starts."""
