@@ -257,6 +257,30 @@ def test_stage2_epochs_by_modality(encoder, world):
         EncoderConfig(stage2_epochs_by_modality={"Point": -1})
 
 
+def test_locked_image_text_tuning_moves_only_the_text_tower(encoder, world):
+    """``text_epochs``: after stage 1 the text tower alone trains against the frozen image
+    embeddings; every other tower (stage 2 included: its own generator) is identical to a
+    run without it, and the text loss falls."""
+    from ibllm_lab.encoders import _batches
+
+    hist: dict = {}
+    tuned = train_encoders(
+        world, EncoderConfig.from_name("quick", **TINY_ENC, text_epochs=3), history=hist
+    )
+    per_epoch = len(_batches(len(world.split("train")), encoder.cfg.batch_size, torch.Generator()))
+    assert len(hist["text"]) == 3 * per_epoch and hist["text_s"] > 0
+    first, last = hist["text"][:per_epoch], hist["text"][-per_epoch:]
+    assert sum(last) < sum(first), (first, last)
+    scenes = world.split("test")
+    for m in ("Image", "Video", "Audio", "Point", "Depth"):
+        raw = load_media(world, scenes, m, encoder.prep)
+        assert torch.equal(tuned.encode(m, raw), encoder.encode(m, raw)), m
+    captions = [s.captions[0] for s in scenes]
+    assert not torch.allclose(tuned.encode("Text", captions), encoder.encode("Text", captions))
+    with pytest.raises(ValueError, match="text_epochs >= 0 and text_lr > 0"):
+        EncoderConfig(text_lr=0.0)
+
+
 def test_point_tower_neighbour_offsets():
     """With ``point_neighbours`` k > 0 each point also sees the offsets to its k nearest
     other points, nearest first; the output width is the embedding width either way."""
