@@ -139,9 +139,10 @@ ENCODER_PRESETS: dict[str, dict] = {
         # same)
         point_d2_bins=24,
         # locked-image text tuning after stage 1 (text_epochs; the image tower and every
-        # image feature unchanged, so the LLaMA's answers are too), measured on this preset's
-        # encoder: image -> text R@1 0.944 -> 0.991, zero-shot audio shape 0.86 -> 0.88,
-        # point shape 0.85 -> 0.88 (2 epochs: R@1 0.982; learning rate 3e-3: 0.987)
+        # image feature unchanged, so the LLaMA's answers are too): image -> text R@1
+        # 0.944 -> 0.978, zero-shot audio shape 0.86 -> 0.87, point shape 0.85 -> 0.87, for
+        # 0.5 s (benchmarks/results/world_encoders.json). On the trained encoder, with other
+        # batches: 4 epochs 0.991, 2 epochs 0.982, learning rate 3e-3 0.987
         text_epochs=4,
         text_lr=1e-3,
         # image_colour="additive" (ConvTower) was measured and left out of the default
