@@ -759,6 +759,21 @@ def _fingerprint(world: Any, *parts: Any) -> str:
     return "-".join([world.fingerprint(), *map(str, parts)])
 
 
+def _weights_hash(path: str | Path) -> str:
+    """A hash of an adapter file's tensors (names, dtypes, shapes, values), not of its bytes:
+    re-saving the same weights with other metadata (a finished phase run again with another
+    thread count rewrites its file) keeps the next phase's fingerprint, so it resumes."""
+    from ibllm_lab.checkpoint import read_adapter_file
+
+    state, _ = read_adapter_file(path)
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def image_features(world: Any, encoder: Any, cache_dir: str | Path) -> dict[str, torch.Tensor]:
     """``{media_key(image path): (D,) feature}`` for every scene, via the on-disk feature
     cache of ``ibllm_lab.encoders.compute_features``."""
@@ -849,7 +864,7 @@ def train_adapter(
     dataset = FeatureDataset(examples, model.tokenizer, max_len, features, dim)
     if init is None and model.adapter_cfg.feature_norm:
         model.set_feature_stats(dataset.feats)  # this phase's (train split) features
-    init_hash = hashlib.sha256(Path(init).read_bytes()).hexdigest()[:16] if init else None
+    init_hash = _weights_hash(init) if init else None
     # only non-default choices extend the fingerprint, so earlier runs still resume
     variant = [f"adapter={sorted(overrides.items())}"] if overrides else []
     variant += [f"examples={max_examples}"] if max_examples is not None else []

@@ -338,6 +338,39 @@ def test_adapter_overrides_are_trained_and_recorded(small_world_and_lm, tmp_path
         )  # fmt: skip
 
 
+def test_finished_phase_rerun_with_other_threads_keeps_the_next_phase(
+    small_world_and_lm, tmp_path, caplog
+):
+    """Running a finished pre-training again (here with another thread count, which is not
+    part of the run's identity) rewrites its adapter file with new metadata but the same
+    weights; fine-tuning from it still resumes its own finished run instead of restarting."""
+    import logging
+
+    from ibllm_lab.checkpoint import read_adapter_file
+    from ibllm_lab.train import train_adapter
+
+    world, llama, feats = small_world_and_lm
+
+    def run(phase, out, threads, init=None):
+        cfg = TrainConfig.from_name("quick", phase, epochs=1, batch_size=8, threads=threads)
+        return train_adapter(
+            world, cfg, llama, tmp_path / out, feats, init=init, max_examples=16, progress=False
+        )
+
+    pre = run("pretrain", "pre", 1)
+    fine = run("finetune", "fine", 1, pre)
+    before = read_adapter_file(fine)[0]
+    meta_before = read_adapter_file(pre)[1]["train_config"]["threads"]
+    with caplog.at_level(logging.INFO, logger="ibllm_lab.train"):
+        run("pretrain", "pre", 2)
+        assert read_adapter_file(pre)[1]["train_config"]["threads"] == 2 != meta_before
+        run("finetune", "fine", 2, pre)
+    assert "starting afresh" not in caplog.text
+    after = read_adapter_file(fine)[0]
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_ungated_and_input_token_variants_train_their_own_keys(small_world_and_lm, tmp_path):
     from ibllm_lab.io import safe_torch_load
     from ibllm_lab.train import adapter_config, train_adapter
