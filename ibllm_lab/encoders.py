@@ -1078,6 +1078,24 @@ def _stage1_texts(captions, attributes, idx: torch.Tensor, cfg, gen, prob: float
     return texts, same
 
 
+def _caption_keys(captions: list[list[str]]) -> torch.Tensor:
+    """(N,) code of each scene's canonical caption (``captions[i][0]``): equal codes are
+    scenes that no caption can tell apart."""
+    canonical = [c[0] for c in captions]
+    codes = {c: i for i, c in enumerate(sorted(set(canonical)))}
+    return torch.tensor([codes[c] for c in canonical])
+
+
+def _paraphrases(
+    captions: list[list[str]], key: torch.Tensor, idx: torch.Tensor, gen: torch.Generator
+) -> tuple[list[str], torch.Tensor]:
+    """A random paraphrase of each scene ``idx`` and the (B, B) shared-positive mask of
+    equal canonical captions (``key`` from :func:`_caption_keys`)."""
+    pick = torch.randint(0, 10**6, (len(idx),), generator=gen).tolist()
+    texts = [captions[i][k % len(captions[i])] for i, k in zip(idx.tolist(), pick, strict=True)]
+    return texts, key[idx][:, None] == key[idx][None, :]
+
+
 def _train_stage1(
     model: BindLite,
     images: torch.Tensor,
@@ -1104,8 +1122,7 @@ def _train_stage1(
     per_epoch = len(_batches(n, cfg.batch_size, torch.Generator().manual_seed(0)))
     opt, sched = _optimiser(params, cfg, cfg.stage1_epochs * per_epoch + 8)
     canonical = [c[0] for c in captions]
-    codes = {c: i for i, c in enumerate(sorted(set(canonical)))}
-    key = torch.tensor([codes[c] for c in canonical])
+    key = _caption_keys(captions)
     groups = hard_negative_groups(canonical)
     losses = []
     for epoch in tqdm(range(cfg.stage1_epochs), desc="stage 1 (image-text)", leave=False):
@@ -1124,12 +1141,7 @@ def _train_stage1(
             if attributes is not None and prob > 0:
                 texts, same = _stage1_texts(captions, attributes, idx, cfg, gen, prob)
             else:
-                pick = torch.randint(0, 10**6, (len(idx),), generator=gen)
-                texts = [
-                    captions[i][int(k) % len(captions[i])]
-                    for i, k in zip(idx.tolist(), pick, strict=True)
-                ]
-                same = key[idx][:, None] == key[idx][None, :]
+                texts, same = _paraphrases(captions, key, idx, gen)
             zi = model.embed(Modality.IMAGE, model.prep.image(images[idx]))
             zt = model.embed(Modality.TEXT, model.tokenize(texts))
             same = same.to(zi.device)
@@ -1284,9 +1296,7 @@ def _train_text_locked(
     image feature. Its own generator: stage 2 draws the same batches with or without it."""
     text, scale = model.towers[Modality.TEXT.value], model.logit_scale[Modality.TEXT.value]
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    canonical = [c[0] for c in captions]
-    codes = {c: i for i, c in enumerate(sorted(set(canonical)))}
-    key = torch.tensor([codes[c] for c in canonical])
+    key = _caption_keys(captions)
     n = len(targets)
     per_epoch = len(_batches(n, cfg.batch_size, torch.Generator().manual_seed(0)))
     opt, sched = _optimiser(
@@ -1300,11 +1310,9 @@ def _train_text_locked(
     losses = []
     for _ in tqdm(range(cfg.text_epochs), desc="text (locked image)", leave=False):
         for idx in _batches(n, cfg.batch_size, gen):
-            pick = torch.randint(0, 10**6, (len(idx),), generator=gen).tolist()
-            rows = zip(idx.tolist(), pick, strict=True)
-            texts = [captions[i][k % len(captions[i])] for i, k in rows]
+            texts, same = _paraphrases(captions, key, idx, gen)
             zt = model.embed(Modality.TEXT, model.tokenize(texts))
-            same = (key[idx][:, None] == key[idx][None, :]).to(zt.device)
+            same = same.to(zt.device)
             loss = info_nce(targets[idx].to(zt.device), zt, scale, cfg.max_logit_scale, same)
             opt.zero_grad(set_to_none=True)
             loss.backward()
