@@ -576,7 +576,8 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per condition: attribute accuracy on carried and uncarried attributes (and on
     carried ones split into test scenes of seen and of novel (held-out) shape-colour
     combinations), on the bindable ones (carried by the modality and by images, which is
-    all that image-text training can teach: video's motion is carried, not bindable), yes/no
+    all that image-text training can teach: video's motion is carried, not bindable; split
+    the same way), yes/no
     accuracy, attributes a description names correctly, caption CIDEr-D and BLEU-4."""
     from ibllm_lab.world import carries
 
@@ -585,13 +586,14 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     out = {}
     for cond, g in single.groupby("condition", sort=False):
         att = g[g.kind == "attribute"]
-        bindable = att[(att.metric == "accuracy") & (att.carried == True)]  # noqa: E712
-        bindable = bindable[bindable.attribute.isin(image_attrs)]
+        bindable = att[(att.carried == True) & att.attribute.isin(image_attrs)]  # noqa: E712
         out[cond] = {
             "attr_carried": _mean(att, "accuracy", True),
-            "attr_bindable": bindable.value.mean(),
+            "attr_bindable": _mean(bindable, "accuracy", True),
             "attr_carried_seen": _mean(att, "accuracy seen combinations", True),
             "attr_carried_novel": _mean(att, "accuracy novel combinations", True),
+            "attr_bindable_seen": _mean(bindable, "accuracy seen combinations", True),
+            "attr_bindable_novel": _mean(bindable, "accuracy novel combinations", True),
             "attr_uncarried": _mean(att, "accuracy", False),
             "chance_uncarried": _mean(att, "accuracy", False, "chance"),
             "yesno": g[g.kind == "yesno"]["value"].mean(),

@@ -147,6 +147,14 @@ def test_run_transfer_end_to_end_writes_the_table(world, tmp_path):
     video = attr_rows[(attr_rows.condition == "Video") & (attr_rows.metric == "accuracy")]
     video = video[video.carried == True].set_index("attribute").value  # noqa: E712
     assert table.loc["Video", "attr_bindable"] == pytest.approx(video.drop("motion").mean())
+    seen = (
+        attr_rows[
+            (attr_rows.condition == "Video") & (attr_rows.metric == "accuracy seen combinations")
+        ]
+        .set_index("attribute")
+        .value
+    )
+    assert table.loc["Video", "attr_bindable_seen"] == pytest.approx(seen.drop("motion").mean())
     assert table.loc["Image", "attr_bindable"] == pytest.approx(table.loc["Image", "attr_carried"])
     assert "Audio + cache" in table.index
 
@@ -202,3 +210,35 @@ def test_gated_cache_settings_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["--world", str(tmp_path), "--out", str(tmp_path), "--cache-gate-quantile", "1.5"])
     assert "--cache-gate-quantile must lie in [0, 1)" in capsys.readouterr().err
+
+
+def test_summary_bindable_columns_leave_out_what_images_do_not_carry():
+    """``summary``'s bindable columns average the attributes both the modality and images
+    carry, per split: video's motion (carried, wrong here) is left out of them only."""
+    import pandas as pd
+
+    from ibllm_lab.transfer import summary
+
+    rows = []
+    for attr, seen, novel in (("shape", 1.0, 0.5), ("color", 0.8, 0.4), ("motion", 0.0, 0.0)):
+        for metric, v in (
+            ("accuracy", (seen + novel) / 2),
+            ("accuracy seen combinations", seen),
+            ("accuracy novel combinations", novel),
+        ):
+            rows.append(
+                dict(
+                    condition="Video",
+                    kind="attribute",
+                    attribute=attr,
+                    carried=True,
+                    metric=metric,
+                    value=v,
+                    chance=0.2,
+                )
+            )
+    table = summary(pd.DataFrame(rows))
+    assert table.loc["Video", "attr_bindable_seen"] == pytest.approx(0.9)
+    assert table.loc["Video", "attr_bindable_novel"] == pytest.approx(0.45)
+    assert table.loc["Video", "attr_carried_seen"] == pytest.approx(0.6)
+    assert table.loc["Video", "attr_bindable"] == pytest.approx(0.675)
