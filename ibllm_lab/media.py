@@ -426,6 +426,25 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float, f_ma
     return np.maximum(0, np.minimum(up, down)).astype(np.float32)
 
 
+def log_filterbank(n_fft: int, n_bins: int, sample_rate: int, f_min: float, f_max: float):
+    """Triangular filters ``(n_bins, n_fft // 2 + 1)`` float32 with centres evenly spaced in
+    log-frequency (a constant-Q-like map): a change of pitch shifts a harmonic sound's pattern
+    along the bins without changing it. Each filter spans at least one FFT bin either side,
+    so low filters narrower than the FFT resolution still see energy."""
+    bins = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    step = bins[1]
+    edges = np.geomspace(f_min, f_max, n_bins + 2)
+    mid = edges[1:-1, None]
+    lo = np.minimum(edges[:-2, None], mid - step)
+    hi = np.maximum(edges[2:, None], mid + step)
+    up = (bins[None] - lo) / (mid - lo)
+    down = (hi - bins[None]) / (hi - mid)
+    return np.maximum(0, np.minimum(up, down)).astype(np.float32)
+
+
+AUDIO_SCALES = ("mel", "log")
+
+
 @dataclass
 class AudioPreprocess:
     """Crop/pad to ``seconds``, log-mel filterbank, normalise by ``mean``/``std``.
@@ -442,8 +461,13 @@ class AudioPreprocess:
     f_max: float = 8000.0
     mean: float = 0.0
     std: float = 1.0
+    scale: str = "mel"
 
     def __post_init__(self) -> None:
+        if self.scale not in AUDIO_SCALES:
+            raise ValueError(
+                f"AudioPreprocess.scale {self.scale!r}: expected one of {AUDIO_SCALES}"
+            )
         if self.f_max > self.sample_rate / 2 or self.f_min >= self.f_max:
             raise ValueError(
                 f"need 0 <= f_min < f_max <= sample_rate / 2: {self.f_min}, {self.f_max}"
@@ -477,8 +501,9 @@ class AudioPreprocess:
             ).abs()
             ** 2
         )  # (B, n_fft // 2 + 1, frames)
+        bank = mel_filterbank if self.scale == "mel" else log_filterbank
         fb = torch.from_numpy(
-            mel_filterbank(self.n_fft, self.n_mels, self.sample_rate, self.f_min, self.f_max)
+            bank(self.n_fft, self.n_mels, self.sample_rate, self.f_min, self.f_max)
         )
         return torch.log(torch.einsum("mf,bft->bmt", fb, spec) + 1e-6)
 

@@ -3,6 +3,7 @@ the feature cache, precomputed features, and the alignment tables."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -462,3 +463,51 @@ def test_encoders_cli_rejects_bad_overrides(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["--world", str(tmp_path), "--overrides", "{image_colour: additive}"])
     assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_audio_front_end_follows_the_config_and_round_trips(world, tmp_path):
+    """``audio_scale`` / ``audio_f_min`` set the encoder's audio preprocessing, which the
+    artefact saves: a loaded encoder embeds sounds exactly as the trained one."""
+    cfg = EncoderConfig.from_name(
+        "quick",
+        **{**TINY_ENC, "stage1_epochs": 1, "stage2_epochs": 1},
+        audio_scale="log",
+        audio_f_min=120.0,
+        audio_timbre_blur=5,
+    )
+    enc = train_encoders(world, dataclasses.replace(cfg, stage2=("Audio",)))
+    assert (enc.prep.audio.scale, enc.prep.audio.f_min) == ("log", 120.0)
+    enc.save(tmp_path / "e.pt")
+    back = BindLite.load(tmp_path / "e.pt")
+    assert (back.prep.audio.scale, back.prep.audio.f_min) == ("log", 120.0)
+    raw = load_media(world, world.split("test")[:8], "Audio", enc.prep)
+    assert torch.equal(back.encode("Audio", raw), enc.encode("Audio", raw))
+    with pytest.raises(ValueError, match="audio_scale"):
+        EncoderConfig(audio_scale="bark")
+
+
+def test_point_geometry_computed_once_equals_per_batch(encoder, world):
+    """Stage 2 computes the point tower's grouping and D2 histogram once per set of clouds
+    (``PointGroupTower.geometry``) and indexes rows of it per step: a batch's embeddings are
+    exactly those the tower computes from the clouds alone, with gradients to the tower."""
+    from ibllm_lab.encoders import PointGroupTower, _stage2_inputs
+
+    torch.manual_seed(0)
+    tower = PointGroupTower(4, 16, 8, groups=4, group_size=8, radius=0.4, d2_bins=6)
+    x = torch.rand(10, 32, 6)
+    geo = tower.geometry(x)
+    assert set(geo) == {"idx", "inside", "d2"}
+    sub = torch.tensor([7, 2, 5])
+    part = tower.geometry(x[sub])
+    assert all(torch.equal(geo[k][sub], part[k]) for k in geo)  # a row depends on its cloud
+    torch.testing.assert_close(
+        tower(x[sub], {k: v[sub] for k, v in geo.items()}), tower(x[sub]), rtol=0, atol=0
+    )
+    raw = load_media(world, world.split("train"), "Point", encoder.prep)
+    inputs = _stage2_inputs(encoder, Modality.POINT, raw)
+    idx = torch.tensor([3, 0, 11, 4])
+    want = encoder.embed(Modality.POINT, encoder.preprocess("Point", [raw[i] for i in idx]))
+    torch.testing.assert_close(inputs(idx), want, rtol=0, atol=0)
+    tower.requires_grad_(True)
+    tower(x[sub], {k: v[sub] for k, v in geo.items()}).sum().backward()
+    assert tower.local[0].weight.grad is not None

@@ -169,3 +169,32 @@ def test_log_mel_peaks_at_the_tone():
     lo = ap.log_mel(np.sin(2 * np.pi * 300 * t)[None])[0].mean(1).argmax()
     hi = ap.log_mel(np.sin(2 * np.pi * 3000 * t)[None])[0].mean(1).argmax()
     assert hi > lo + 10
+
+
+def _partial_peaks(ap: media.AudioPreprocess, f0: float) -> np.ndarray:
+    """Filter indices of the spectral peaks of a tone with partials 1-4 at ``f0``."""
+    t = np.arange(16000) / 16000
+    x = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in (1, 2, 3, 4))
+    s = ap.log_mel(x[None])[0].mean(1).numpy()
+    inner = np.arange(1, len(s) - 1)
+    peak = (s[inner] > s[inner - 1]) & (s[inner] >= s[inner + 1]) & (s[inner] > s.max() - 6)
+    return inner[peak]
+
+
+def test_log_frequency_filters_shift_a_timbre_with_its_pitch():
+    """``scale="log"``: raising the pitch by k filter steps moves every partial's peak by k
+    filters, so a timbre's pattern is the same at every pitch; on the mel scale the spacing
+    of the partials changes with the pitch."""
+    log = media.AudioPreprocess(scale="log", n_fft=2048, f_min=100.0)
+    mel = media.AudioPreprocess(n_fft=2048, f_min=100.0)
+    step = (log.f_max / log.f_min) ** (1 / (log.n_mels + 1))  # ratio between filter centres
+    base = _partial_peaks(log, 400.0)
+    assert len(base) == 4
+    for k in (3, 6):
+        np.testing.assert_array_equal(_partial_peaks(log, 400.0 * step**k), base + k)
+    spacing = [np.diff(_partial_peaks(mel, 400.0 * step**k)) for k in (0, 6)]
+    assert not np.array_equal(*spacing)
+    fb = media.log_filterbank(512, 64, 16000, 100.0, 8000.0)
+    assert fb.shape == (64, 257) and (fb.sum(1) > 0).all()  # narrow low filters still see a bin
+    with pytest.raises(ValueError, match="scale"):
+        media.AudioPreprocess(scale="bark")
