@@ -447,10 +447,12 @@ AUDIO_SCALES = ("mel", "log")
 
 @dataclass
 class AudioPreprocess:
-    """Crop/pad to ``seconds``, log-mel filterbank, normalise by ``mean``/``std``.
+    """Crop/pad to ``seconds``, log filterbank energies, normalise by ``mean``/``std``.
 
-    ImageBind: 16 kHz, 128 mels, 204 frames per 2 s clip, mean -4.268, std 9.138. BindLite:
-    1 s, 64 mels, hop 256 (63 frames); mean and std are measured on the training sounds."""
+    ``scale``: "mel" (HTK mel filters, ImageBind's) or "log" (``log_filterbank``: filters
+    evenly spaced in log-frequency from ``f_min`` > 0). ImageBind: 16 kHz, 128 mels, 204
+    frames per 2 s clip, mean -4.268, std 9.138. BindLite: 1 s, 64 filters, hop 256 (63
+    frames); mean and std are measured on the training sounds."""
 
     sample_rate: int = 16000
     seconds: float = 1.0
@@ -468,6 +470,8 @@ class AudioPreprocess:
             raise ValueError(
                 f"AudioPreprocess.scale {self.scale!r}: expected one of {AUDIO_SCALES}"
             )
+        if self.scale == "log" and self.f_min <= 0:
+            raise ValueError(f"scale 'log' needs f_min > 0 Hz (log of 0), got {self.f_min}")
         if self.f_max > self.sample_rate / 2 or self.f_min >= self.f_max:
             raise ValueError(
                 f"need 0 <= f_min < f_max <= sample_rate / 2: {self.f_min}, {self.f_max}"

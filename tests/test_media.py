@@ -198,3 +198,5 @@ def test_log_frequency_filters_shift_a_timbre_with_its_pitch():
     assert fb.shape == (64, 257) and (fb.sum(1) > 0).all()  # narrow low filters still see a bin
     with pytest.raises(ValueError, match="scale"):
         media.AudioPreprocess(scale="bark")
+    with pytest.raises(ValueError, match="f_min > 0"):
+        media.AudioPreprocess(scale="log", f_min=0.0)
