@@ -388,20 +388,15 @@ class Preprocessing:
 
     @classmethod
     def for_world(
-        cls,
-        world: World,
-        video_frames: int | None = None,
-        audio_scale: str = "mel",
-        audio_f_min: float = 50.0,
+        cls, world: World, video_frames: int | None = None, **audio: float | str
     ) -> Preprocessing:
+        """The world's media sizes; ``audio``: further ``AudioPreprocess`` fields (``scale``,
+        ``f_min``, ...)."""
         c = world.config
-        audio = AudioPreprocess(
-            sample_rate=c.sample_rate, seconds=c.audio_seconds, scale=audio_scale, f_min=audio_f_min
-        )
         return cls(
             image=ImagePreprocess(size=c.image_size),
             video=VideoPreprocess(n_frames=video_frames or c.video_frames, size=c.video_size),
-            audio=audio,
+            audio=AudioPreprocess(sample_rate=c.sample_rate, seconds=c.audio_seconds, **audio),
             point=PointPreprocess(n_points=c.n_points),
             depth=DepthPreprocess(size=c.image_size),
         )
@@ -1311,7 +1306,9 @@ def train_encoders(
     gen = torch.Generator().manual_seed(cfg.seed)
     train = world.split("train")
     captions = [s.captions for s in world.scenes]
-    prep = Preprocessing.for_world(world, cfg.video_frames, cfg.audio_scale, cfg.audio_f_min)
+    prep = Preprocessing.for_world(
+        world, cfg.video_frames, scale=cfg.audio_scale, f_min=cfg.audio_f_min
+    )
     # Audio normalisation constants are measured on the training sounds (ImageBind's are fixed).
     t0 = time.perf_counter()
     model = BindLite(
