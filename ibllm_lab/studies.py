@@ -708,7 +708,7 @@ TRAINED_VARIANTS: dict[str, dict[str, Any]] = {
 }
 # The budget each variant trains with, per embedded default ("quick" or "default") and
 # phase: TrainConfig overrides plus "max_examples" (a seeded subset). The embedded default
-# itself trains 18 + 6 epochs on 2269 + 5138 examples; "default" here is one epoch of 1024
+# itself trains 18 + 3 epochs on 2269 + 9676 examples; "default" here is one epoch of 1024
 # captions and 384 instructions (32 + 12 steps of 32), 4-8 s per variant on one CPU thread
 # (45-55 s for the nine of TRAINED_VARIANTS), so notebook 06 stays within its share of
 # `make run`. All variants get the same budget, the reference included.

@@ -170,8 +170,9 @@ def test_trained_variants_have_the_requested_config_and_trainable_keys(ablations
 
     _, _, runs, _, _ = ablations
     pre = safe_torch_load(runs["input token"] / "pretrain" / "checkpoint.pt")["trainable"]
+    blocks = range(1, AdapterConfig.from_name("tiny").bind_blocks + 1)
     bind = {"image_bind_proj.weight", "image_bind_proj.bias"} | {
-        f"image_bind_{p}_{k}.weight" for p in ("norm", "f1", "f2", "f3") for k in (1, 2, 3)
+        f"image_bind_{p}_{k}.weight" for p in ("norm", "f1", "f2", "f3") for k in blocks
     }
     assert set(pre) == bind  # input token: no prefix, no gates
     state, meta = read_adapter_file(runs["input token"] / "finetune" / "adapter.pth")

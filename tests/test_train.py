@@ -32,7 +32,11 @@ def tiny_model(seed: int = 0) -> ImageBindLLM:
     llama = LlamaConfig(
         dim=32, n_layers=2, n_heads=2, vocab_size=VOCAB, multiple_of=16, max_seq_len=32
     )
-    adapter = AdapterConfig.from_name("tiny", encoder_dim=FEAT, query_layer=2, lora_rank=4)
+    # the method's three bind blocks (the "tiny" preset's bind network is linear), so every
+    # kind of trainable parameter is in the tests
+    adapter = AdapterConfig.from_name(
+        "tiny", encoder_dim=FEAT, query_layer=2, lora_rank=4, bind_blocks=3
+    )
     model = ImageBindLLM(llama, adapter)
     model.llama.init_weights(generator=torch.Generator().manual_seed(seed))
     return model
@@ -376,8 +380,9 @@ def test_ungated_and_input_token_variants_train_their_own_keys(small_world_and_l
     from ibllm_lab.train import adapter_config, train_adapter
 
     world, llama, feats = small_world_and_lm
+    blocks = range(1, AdapterConfig.from_name("tiny").bind_blocks + 1)
     bind = {"image_bind_proj.weight", "image_bind_proj.bias"} | {
-        f"image_bind_{p}_{k}.weight" for p in ("norm", "f1", "f2", "f3") for k in (1, 2, 3)
+        f"image_bind_{p}_{k}.weight" for p in ("norm", "f1", "f2", "f3") for k in blocks
     }
     for overrides, expected in (
         ({"injection": "ungated", "query_layer": 1}, bind | {"prefix_query.weight"}),
