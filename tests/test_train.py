@@ -3,6 +3,7 @@ metrics, and the base LM on a small generated world."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pandas as pd
@@ -373,6 +374,36 @@ def test_finished_phase_rerun_with_other_threads_keeps_the_next_phase(
     after = read_adapter_file(fine)[0]
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_run_made_before_the_adapter_preset_changed_restarts_instead_of_resuming(
+    small_world_and_lm, tmp_path, caplog, monkeypatch
+):
+    """A finished phase written with another adapter configuration (here: the "tiny" preset
+    as it was before its bind network became linear) is not resumed, since its parameters
+    would not fit: the run starts afresh and trains the preset's current keys."""
+    from ibllm_lab.io import safe_torch_load
+    from ibllm_lab.train import train_adapter
+
+    world, llama, feats = small_world_and_lm
+    out = tmp_path / "pre"
+    kw = dict(max_examples=8, progress=False)
+    from_name = AdapterConfig.from_name.__func__
+    with monkeypatch.context() as m:  # the preset as it was
+        m.setattr(
+            AdapterConfig,
+            "from_name",
+            classmethod(lambda cls, name, **o: from_name(cls, name, **{**o, "bind_blocks": 3})),
+        )
+        train_adapter(world, _phase_cfg("pretrain"), llama, out, feats, **kw)
+    old_keys = set(safe_torch_load(out / CHECKPOINT)["trainable"])
+    assert "image_bind_f1_3.weight" in old_keys
+    with caplog.at_level(logging.INFO, logger="ibllm_lab.train"):
+        train_adapter(world, _phase_cfg("pretrain"), llama, out, feats, **kw)
+    assert "starting afresh" in caplog.text
+    keys = set(safe_torch_load(out / CHECKPOINT)["trainable"])
+    blocks = AdapterConfig.from_name("tiny").bind_blocks
+    assert ("image_bind_f1_3.weight" in keys) == (blocks >= 3) and keys != old_keys
 
 
 def test_ungated_and_input_token_variants_train_their_own_keys(small_world_and_lm, tmp_path):
