@@ -197,12 +197,15 @@ _PRESET_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         "pretrain": dict(epochs=18, batch_size=16, base_lr=0.16, weight_decay=0.05, max_words=96),
         "finetune": dict(epochs=3, base_lr=0.16, weight_decay=0.02, max_words=512),
     },
+    # "quick" pre-trains 8 epochs (27 -> 72 steps of 32, a few seconds): after 3, the linear
+    # bind network's vector did not yet lower the answer loss (all gates zeroed: 2.305
+    # against 2.306 with the trained gates; after 8: 2.308 against 2.280)
     "quick": {
         "common": dict(
             batch_size=32, min_lr=1e-4, warmup_epochs=0.1, log_every=5, captions="canonical"
         ),
         "base-lm": dict(epochs=1, base_lr=0.08, weight_decay=0.05, max_words=96),
-        "pretrain": dict(epochs=3, base_lr=0.16, weight_decay=0.05, max_words=96),
+        "pretrain": dict(epochs=8, base_lr=0.16, weight_decay=0.05, max_words=96),
         "finetune": dict(epochs=1, base_lr=0.16, weight_decay=0.02, max_words=512),
     },
 }
