@@ -577,8 +577,8 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     carried ones split into test scenes of seen and of novel (held-out) shape-colour
     combinations), on the bindable ones (carried by the modality and by images, which is
     all that image-text training can teach: video's motion is carried, not bindable; split
-    the same way), yes/no
-    accuracy, attributes a description names correctly, caption CIDEr-D and BLEU-4."""
+    the same way), yes/no accuracy, attributes a description names correctly, caption
+    CIDEr-D and BLEU-4."""
     from ibllm_lab.world import carries
 
     single = df[df.kind.isin(["attribute", "yesno", "describe", "caption"])]
