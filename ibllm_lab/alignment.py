@@ -86,37 +86,26 @@ def retrieval_table(
 
 
 def prompt_bank() -> tuple[list[dict[str, str]], list[str]]:
-    """Every still-scene attribute combination's caption paraphrases, plus one canonical video
-    caption per combination and motion: ``(attributes per prompt, prompts)``."""
-    names = [a for a in ATTRIBUTE_NAMES if a != "motion"]
+    """Every attribute combination's caption paraphrases: ``(attributes per prompt, prompts)``."""
     attrs_out, prompts = [], []
-    for combo in itertools.product(*(ATTRIBUTES[a] for a in names)):
-        attrs = dict(zip(names, combo, strict=True))
-        caps = captions_for({**attrs, "motion": "static"}, Modality.IMAGE)
+    for combo in itertools.product(*(ATTRIBUTES[a] for a in ATTRIBUTE_NAMES)):
+        attrs = dict(zip(ATTRIBUTE_NAMES, combo, strict=True))
+        caps = captions_for(attrs, Modality.TEXT)
         attrs_out += [attrs] * len(caps)
         prompts += caps
-        for motion in ATTRIBUTES["motion"]:
-            attrs_out.append({**attrs, "motion": motion})
-            prompts.append(captions_for({**attrs, "motion": motion}, Modality.VIDEO)[0])
     return attrs_out, prompts
 
 
 def text_classifiers(encoder) -> dict[str, torch.Tensor]:
     """``{attribute: (K, D)}`` class embeddings from text prompts alone: the normalised mean
-    embedding of every prompt naming the value (motion: the video captions)."""
+    embedding of every prompt naming the value."""
     attrs, prompts = prompt_bank()
     z = encoder.encode(Modality.TEXT, prompts)  # (P, D)
     out = {}
     for attribute in ATTRIBUTE_NAMES:
-        rows = []
-        for value in ATTRIBUTES[attribute]:
-            pick = [
-                i
-                for i, a in enumerate(attrs)
-                if a.get(attribute) == value and ("motion" in a) == (attribute == "motion")
-            ]
-            rows.append(torch.nn.functional.normalize(z[pick].mean(0), dim=0))
-        out[attribute] = torch.stack(rows)
+        values = np.array([ATTRIBUTES[attribute].index(a[attribute]) for a in attrs])
+        rows = [z[torch.from_numpy(values == k)].mean(0) for k in range(len(ATTRIBUTES[attribute]))]
+        out[attribute] = torch.nn.functional.normalize(torch.stack(rows), dim=-1)
     return out
 
 

@@ -690,8 +690,8 @@ def make_mini_benchmarks(
     with ``.scenes`` of Scene-like objects).
 
     ``n`` scenes of ``split`` per benchmark (all scenes if the split is empty); questions are
-    asked about ``attributes`` (default: every attribute of the scenes but motion, which only
-    video carries), restricted to what ``modality`` carries when given; the questions say
+    asked about ``attributes`` (default: every attribute of the scenes), restricted to what
+    ``modality`` carries when given; the questions say
     "video" for video and "image" otherwise, as the world's instruction data does.
     Returns ``{kind: folder}``: ``vqa`` (VQAv2 files, 10 answers), ``mme`` (eval_tool
     layout, 2 questions per scene and subtask, one yes one no; subtasks existence, count,
@@ -706,8 +706,7 @@ def make_mini_benchmarks(
     if not scenes:
         raise ValueError("make_mini_benchmarks: the world has no scenes")
     vocab = _vocabulary(world.scenes)
-    default = [a for a in vocab if a != "motion" or _medium(modality) == "video"]
-    attrs = list(attributes) if attributes is not None else default
+    attrs = list(attributes) if attributes is not None else list(vocab)
     carried = _carried(world, modality)
     if carried is not None:
         attrs = [a for a in attrs if a in carried]

@@ -256,8 +256,7 @@ def score(
             for p, a in zip(probes, answers, strict=True)
             if p.kind == "describe"
         ]
-        if attr != "motion":
-            row("describe", attr, "named_correctly", desc, _chance(attr))
+        row("describe", attr, "named_correctly", desc, _chance(attr))
     rows += _caption_rows(probes, answers, scenes, condition)
     return rows
 
@@ -576,9 +575,9 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per condition: attribute accuracy on carried and uncarried attributes (and on
     carried ones split into test scenes of seen and of novel (held-out) shape-colour
     combinations), on the bindable ones (carried by the modality and by images, which is
-    all that image-text training can teach: video's motion is carried, not bindable; split
-    the same way), yes/no accuracy, attributes a description names correctly, caption
-    CIDEr-D and BLEU-4."""
+    all that image-text training can teach; with ``Difficulty.motion_trail`` 0 images are
+    true stills and video's motion is carried, not bindable; split the same way), yes/no
+    accuracy, attributes a description names correctly, caption CIDEr-D and BLEU-4."""
     from ibllm_lab.world import carries
 
     single = df[df.kind.isin(["attribute", "yesno", "describe", "caption"])]

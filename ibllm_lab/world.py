@@ -1,11 +1,14 @@
 """A generated multimodal world: the embedded default's scenes, media and instruction data.
 
 Every scene is a small set of identical objects with compositional attributes (shape, colour,
-size, position, count, and a motion that only video shows). Each scene is rendered in every
-modality the ImageBind family reads, from one seed, with numpy only:
+size, position, count, and a motion). Each scene is rendered in every modality the ImageBind
+family reads, from one seed, with numpy only:
 
-* image: small RGB PNG (objects over a noisy, tinted background with grey clutter lines);
-* video: a short ``(T, H, W, 3)`` uint8 ``.npy`` clip of the objects moving;
+* image: small RGB PNG (objects over a noisy, tinted background with grey clutter lines); a
+  moving group leaves a fading motion trail behind it, as a photograph's exposure blurs a
+  moving object, so a still shows which way the objects move (``Difficulty.motion_trail``);
+* video: a short ``(T, H, W, 3)`` uint8 ``.npy`` clip of the objects moving (each frame with
+  its own exposure's trail);
 * audio: 16 kHz mono WAV; shape is timbre, colour is pitch, size is loudness, count is the
   number of notes; sounds have no position and no motion (mono, stationary sources);
 * point cloud: ``(P, 6)`` float32 ``.npy`` (xyz, rgb) sampled from 3-D solids matching the shapes;
@@ -26,7 +29,7 @@ On disk (``generate_world(cfg, out_dir)``)::
     images/ audio/ video/ points/ depth/   raw media, one file per scene
     pretrain.csv        tab-separated ``url``, ``caption`` (train split, image-caption pairs)
     instructions.json   LLaVA-style image instructions (train split)
-    instructions_video.json  the same with a ``video`` path, incl. motion questions (train split)
+    instructions_video.json  the same with a ``video`` path (train split)
     alpaca.json         text-only instructions (``instruction``, ``input``, ``output``)
 
 Splits: held-out (shape, colour) combinations appear only in the test split (``heldout=True``);
@@ -80,23 +83,23 @@ PLURALS = {
 
 # Which attributes each modality's raw signal carries, and why not the others.
 CARRIES: dict[Modality, frozenset[str]] = {
-    Modality.IMAGE: frozenset({"shape", "color", "size", "position", "count"}),
+    Modality.IMAGE: frozenset({"shape", "color", "size", "position", "count", "motion"}),
     Modality.VIDEO: frozenset({"shape", "color", "size", "position", "count", "motion"}),
     Modality.AUDIO: frozenset({"shape", "color", "size", "count"}),
     Modality.POINT: frozenset({"shape", "color", "size", "position", "count"}),
     Modality.DEPTH: frozenset({"shape", "size", "position", "count"}),
-    Modality.TEXT: frozenset({"shape", "color", "size", "position", "count"}),
+    Modality.TEXT: frozenset({"shape", "color", "size", "position", "count", "motion"}),
 }
 CARRIES_WHY: dict[Modality, str] = {
-    Modality.IMAGE: "a still picture: no motion",
-    Modality.VIDEO: "everything, including motion (the objects move across the frames)",
+    Modality.IMAGE: "everything: a moving group leaves a fading trail behind it (motion blur)",
+    Modality.VIDEO: "everything: the objects move across the frames",
     Modality.AUDIO: (
         "mono, stationary sources: shape = timbre, colour = pitch, size = loudness, "
         "count = number of notes; no position (no stereo), no motion"
     ),
     Modality.POINT: "xyz + rgb of a static scene: no motion",
     Modality.DEPTH: "distance only: no colour, no motion",
-    Modality.TEXT: "the scene captions describe the still scene: no motion",
+    Modality.TEXT: "the captions name every attribute, motion included",
 }
 
 MEDIA_MODALITIES: tuple[Modality, ...] = (
@@ -133,8 +136,9 @@ def carries_markdown() -> str:
     intro = (
         "# What each modality carries\n\n"
         "An attribute a modality does not carry cannot be recovered by any binding: its\n"
-        "emergent zero-shot accuracy must stay at chance. Motion is carried by video only and\n"
-        "is absent from images, so image-paired binding (ImageBind's recipe) cannot teach it.\n\n"
+        "emergent zero-shot accuracy must stay at chance. Images carry motion only through\n"
+        "the motion trail (``Difficulty.motion_trail``; 0 gives true stills, and then\n"
+        "image-paired binding, ImageBind's recipe, cannot teach video's motion).\n\n"
     )
     return intro + "\n".join([head, rule, *rows]) + "\n"
 
@@ -164,6 +168,7 @@ DIFFICULTY_PRESETS: dict[str, dict] = {
         point_jitter=0.01,
         point_noise_fraction=0.0,
         depth_noise=0.005,
+        motion_trail=0.8,
         strength=_strength(),
     ),
     "default": dict(
@@ -177,6 +182,7 @@ DIFFICULTY_PRESETS: dict[str, dict] = {
         point_jitter=0.02,
         point_noise_fraction=0.1,
         depth_noise=0.02,
+        motion_trail=0.6,
         strength=_strength(
             Audio={"size": 0.93, "count": 0.95},
             Point={"count": 0.95},
@@ -195,6 +201,7 @@ DIFFICULTY_PRESETS: dict[str, dict] = {
         point_jitter=0.04,
         point_noise_fraction=0.25,
         depth_noise=0.05,
+        motion_trail=0.45,
         strength=_strength(
             Audio={"shape": 0.85, "color": 0.85, "size": 0.8, "count": 0.85},
             Point={"color": 0.85, "count": 0.85},
@@ -212,6 +219,9 @@ class Difficulty:
     ``strength[modality][attribute]`` is the probability that ``modality`` renders the scene's
     true value of ``attribute`` (otherwise a uniformly random value): 1.0 = faithful.
     The image is the binding anchor and its captions describe the truth, so it stays faithful.
+    ``motion_trail``: opacity of the nearest of the three fading copies a moving group leaves
+    behind it in images and video frames (motion blur); 0 renders true stills, which carry no
+    motion, so that nothing image-paired can teach video's motion.
     """
 
     image_noise: float = 0.05
@@ -224,12 +234,15 @@ class Difficulty:
     point_jitter: float = 0.02
     point_noise_fraction: float = 0.1
     depth_noise: float = 0.02
+    motion_trail: float = 0.6
     strength: dict[str, dict[str, float]] = field(default_factory=lambda: _strength())
 
     def __post_init__(self) -> None:
         for name in ("image_noise", "color_jitter", "audio_noise", "point_jitter", "depth_noise"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Difficulty.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.motion_trail <= 1.0:
+            raise ValueError(f"motion_trail must be in [0, 1], got {self.motion_trail}")
         if not 0.0 <= self.distractor_prob <= 1.0:
             raise ValueError(f"distractor_prob must be in [0, 1], got {self.distractor_prob}")
         if not 0.0 <= self.point_noise_fraction < 1.0:
@@ -385,18 +398,19 @@ def _objects(attrs: dict[str, str]) -> str:
 
 def describe(attrs: dict[str, str], modality: Modality | str = Modality.IMAGE) -> str:
     """The canonical description (the answer to "describe" requests), e.g.
-    "There are two small red circles in the top left." For video, motion is added."""
+    "There are two small red circles in the top left, moving up." The motion is named for
+    modalities that carry it (image, video, text)."""
     verb = "is" if attrs["count"] == "one" else "are"
     text = (
         f"There {verb} {attrs['count']} {attrs['size']} {attrs['color']} {_objects(attrs)} "
         f"in the {attrs['position']}"
     )
-    if Modality.parse(modality) == Modality.VIDEO:
-        text += ", " + _motion_phrase(attrs["motion"])
+    if "motion" in CARRIES[Modality.parse(modality)]:
+        text += ", " + motion_phrase(attrs["motion"])
     return text + "."
 
 
-def _motion_phrase(motion: str) -> str:
+def motion_phrase(motion: str) -> str:
     return "standing still" if motion == "static" else f"moving {motion}"
 
 
@@ -410,13 +424,14 @@ _CAPTION_TEMPLATES = (
 
 
 def captions_for(attrs: dict[str, str], modality: Modality | str = Modality.IMAGE) -> list[str]:
-    """All caption paraphrases of a scene (the canonical description first)."""
+    """All caption paraphrases of a scene (the canonical description first); the motion is
+    named for modalities that carry it."""
     fill = dict(attrs, objects=_objects(attrs), verb="is" if attrs["count"] == "one" else "are")
     caps = [describe(attrs, modality)]
     for t in _CAPTION_TEMPLATES:
         c = t.format(**fill)
-        if Modality.parse(modality) == Modality.VIDEO:
-            c = c[:-1] + ", " + _motion_phrase(attrs["motion"]) + "."
+        if "motion" in CARRIES[Modality.parse(modality)]:
+            c = c[:-1] + ", " + motion_phrase(attrs["motion"]) + "."
         caps.append(c[0].upper() + c[1:])
     return caps
 
@@ -638,8 +653,45 @@ def _object_rgb(view: dict, cfg: WorldConfig, rng) -> np.ndarray:
     return np.clip(rgb, 0, 1)
 
 
+_TRAIL_STEP = 0.045  # spacing of the motion trail's copies, as a fraction of the frame
+_TRAIL_FADE = (1.0, 0.6, 0.3)  # opacity of the copies, nearest first (times motion_trail)
+
+
+def _shift(mask: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """``mask`` (N, H, W) moved by (dx, dy) pixels, with False shifted in."""
+    out = np.zeros_like(mask)
+    h, w = mask.shape[1:]
+    out[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = mask[
+        :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return out
+
+
+def _paint_trail(canvas, mask, motion, rgb, opacity: float) -> None:
+    """Blend fading copies of the objects' ``mask`` (N, H, W) behind each moving group
+    (``motion`` (N,) indices into ``_MOTION_DIRS``), under the objects themselves. The copies
+    share the objects' colour, so layering them is one blend with the transmittance ``keep``
+    (the product of ``1 - opacity`` of every copy over a pixel)."""
+    size = canvas.shape[1]
+    keep = np.ones(mask.shape, dtype=np.float32)
+    for k, fade in enumerate(_TRAIL_FADE, start=1):
+        step = max(1, int(round(k * _TRAIL_STEP * size)))
+        ghost = np.zeros_like(mask)
+        for d in range(1, len(_MOTION_DIRS)):
+            moving = (motion == d)[:, None, None]
+            if moving.any():
+                dx, dy = (-_MOTION_DIRS[d] * step).astype(int)
+                ghost |= _shift(mask, int(dx), int(dy)) & moving
+        keep[ghost & ~mask] *= np.float32(1 - opacity * fade)
+    colour = rgb[:, None, None, :].astype(np.float32)
+    canvas -= colour  # canvas = colour + keep * (canvas - colour), in place
+    canvas *= keep[..., None]
+    canvas += colour
+
+
 def _render_frames(view, centres, active, dis, rgb, bg, cfg, rng) -> np.ndarray:
-    """One frame per scene: (N, H, W, 3) uint8."""
+    """One frame per scene: (N, H, W, 3) uint8. A moving group leaves a trail of fading
+    copies behind it (the exposure's motion blur, ``Difficulty.motion_trail``)."""
     canvas = bg.copy()
     n = len(view["shape"])
     if dis["present"].any():
@@ -652,7 +704,9 @@ def _render_frames(view, centres, active, dis, rgb, bg, cfg, rng) -> np.ndarray:
             dis["shape"],
             np.repeat(dis["grey"][:, None], 3, axis=1),
         )
-    _paint(canvas, centres, active, _RADIUS[view["size"]], view["shape"], rgb)
+    mask = _paint(canvas, centres, active, _RADIUS[view["size"]], view["shape"], rgb)
+    if cfg.difficulty.motion_trail > 0:
+        _paint_trail(canvas, mask, view["motion"], rgb, cfg.difficulty.motion_trail)
     noise = rng.standard_normal(size=canvas.shape, dtype=np.float32)
     canvas += np.float32(cfg.difficulty.image_noise) * noise
     return (np.clip(canvas, 0, 1) * 255 + 0.5).astype(np.uint8)
@@ -850,13 +904,11 @@ def make_question(
     """One question about a scene: returns (attribute, question, answer).
 
     ``kind``: "attribute" (short answer), "yesno", "choice" (answer = option letter) or
-    "describe". Motion is asked about only for video.
+    "describe". Only attributes the modality and the captions carry are asked about.
     """
     modality = Modality.parse(modality)
     medium = "video" if modality == Modality.VIDEO else "image"
     names = [a for a in ATTRIBUTE_NAMES if a in CARRIES[modality] and a in CARRIES[Modality.TEXT]]
-    if modality == Modality.VIDEO:
-        names.append("motion")
     if kind == "describe":
         q = str(rng.choice([f"Describe the {medium}.", f"What do you see in this {medium}?"]))
         return "describe", q, describe(attrs, modality)
@@ -943,7 +995,7 @@ def _alpaca_item(rng: np.random.Generator) -> dict[str, str]:
     attrs = {a: str(rng.choice(v)) for a, v in ATTRIBUTES.items()}
     caption = captions_for(attrs)[int(rng.integers(1, 6))]
     if kind == 4:
-        attr = str(rng.choice(["shape", "color", "size", "position", "count"]))
+        attr = str(rng.choice(["shape", "color", "size", "position", "count", "motion"]))
         q = (
             ATTRIBUTE_QUESTIONS[attr]
             .format(medium="description")

@@ -135,7 +135,8 @@ def test_measure_all_tables(encoder, world, tmp_path):
         assert (tmp_path / f"{name}.csv").exists()
     z = tables["zero_shot"].set_index(["modality", "attribute"])
     assert not z.loc[("Audio", "position"), "carried"] and z.loc[("Video", "motion"), "carried"]
-    assert not z.loc[("Video", "motion"), "bindable"]
+    assert z.loc[("Video", "motion"), "bindable"]  # through the images' motion trails
+    assert not z.loc[("Point", "motion"), "carried"] and not z.loc[("Depth", "color"), "bindable"]
     assert z.loc[("Image", "color"), "accuracy"] > 2 * z.loc[("Image", "color"), "chance"]
     assert set(tables["modality_gap"].modality) == {"Text", "Audio", "Video", "Point", "Depth"}
 
@@ -152,22 +153,45 @@ def test_config_validation():
 
 
 def test_partial_caption_matches():
-    """A text naming one attribute matches every image with that value, and only those."""
+    """A text naming one attribute matches every image with that value, and only those; a
+    full caption matches only images with every attribute equal, motion included."""
+    base = dict(count="one", size="small", color="red", shape="circle", position="top left")
     attrs = [
-        dict(count="one", size="small", color="red", shape="circle", position="top left"),
-        dict(count="two", size="large", color="red", shape="square", position="top left"),
-        dict(count="one", size="large", color="blue", shape="circle", position="top right"),
+        dict(base, motion="static"),
+        dict(
+            count="two",
+            size="large",
+            color="red",
+            shape="square",
+            position="top left",
+            motion="left",
+        ),  # fmt: skip
+        dict(
+            count="one",
+            size="large",
+            color="blue",
+            shape="circle",
+            position="top right",
+            motion="left",
+        ),  # fmt: skip
+        dict(base, motion="up"),  # differs from the first in motion only
     ]
-    caps = [[f"caption {i}"] for i in range(3)]
+    caps = [[f"caption {i}"] for i in range(len(attrs))]
     cfg = EncoderConfig(partial_caption_prob=1.0)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        texts, same = _stage1_texts(caps, attrs, torch.arange(3), cfg, gen)
+    named_any = set()
+    for _ in range(40):
+        texts, same = _stage1_texts(caps, attrs, torch.arange(len(attrs)), cfg, gen)
         assert same.diagonal().all()
         for j, text in enumerate(texts):
             (named,) = [a for a in attrs[j] if _partial_caption(attrs[j], [a]) == text]
-            for i in range(3):
+            named_any.add(named)
+            for i in range(len(attrs)):
                 assert bool(same[i, j]) == (attrs[i][named] == attrs[j][named]), (text, i, j)
+    assert "motion" in named_any
+    texts, same = _stage1_texts(caps, attrs, torch.arange(len(attrs)), cfg, gen, prob=0.0)
+    assert torch.equal(same, torch.eye(len(attrs), dtype=torch.bool))
+    assert EncoderConfig(partial_caption_weights=(1, 1, 1, 1, 1)).partial_caption_weights[-1] == 0
 
 
 def test_video_tower_starts_as_the_mean_frame_of_the_image_tower(encoder, world):

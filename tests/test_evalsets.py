@@ -167,7 +167,7 @@ def test_mini_vqa_format(world, mini):
         assert vqa_accuracy(truth, [x["answer"] for x in ann["answers"]]) >= 0.9
     b = load_benchmark(mini["vqa"])
     assert b.world_dir == Path(world.root) and {it.image for it in b.items} <= set(scenes)
-    assert "motion" not in {it.meta["attribute"] for it in b.items}  # only video carries it
+    assert "motion" in {it.meta["attribute"] for it in b.items}  # images show motion trails
 
 
 def test_mini_mme_pairs(world, mini):
@@ -205,6 +205,8 @@ def test_mini_captions_and_modality_restriction(world, mini, tmp_path):
     audio = make_mini_benchmarks(world, tmp_path, n=4, modality="Audio", kinds=["mme", "vqa"])
     subtasks = {it.meta["subtask"] for it in load_benchmark(audio["mme"]).items}
     assert "position" not in subtasks and "color" in subtasks  # audio carries no position
+    asked = {it.meta["attribute"] for it in load_benchmark(audio["vqa"]).items}
+    assert "motion" not in asked and "position" not in asked
     video = make_mini_benchmarks(world, tmp_path / "v", n=3, modality="Video", kinds=["vqa"])
     items = load_benchmark(video["vqa"]).items
     assert "motion" in {it.meta["attribute"] for it in items}

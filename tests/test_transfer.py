@@ -59,7 +59,7 @@ def world(tmp_path_factory):
 def test_probes_cover_every_attribute_in_training_wording(world):
     scenes = world.split("test")
     probes = build_probes(scenes, seed=0)
-    assert len(probes) == len(scenes) * (6 + 5 + 2)
+    assert len(probes) == len(scenes) * (6 + 6 + 2)
     assert probes == build_probes(scenes, seed=0)
     first = [p for p in probes if p.scene == 0]
     assert [p.attribute for p in first if p.kind == "attribute"] == [
@@ -143,18 +143,13 @@ def test_run_transfer_end_to_end_writes_the_table(world, tmp_path):
     table = summary(df)
     assert {"attr_carried", "attr_uncarried", "yesno", "describe", "CIDEr"} <= set(table.columns)
     assert {"attr_carried_seen", "attr_carried_novel", "attr_bindable"} <= set(table.columns)
-    # video carries motion, which images (and so image-text training) do not
+    # images carry every attribute video carries (motion through the motion trails)
     video = attr_rows[(attr_rows.condition == "Video") & (attr_rows.metric == "accuracy")]
     video = video[video.carried == True].set_index("attribute").value  # noqa: E712
-    assert table.loc["Video", "attr_bindable"] == pytest.approx(video.drop("motion").mean())
-    seen = (
-        attr_rows[
-            (attr_rows.condition == "Video") & (attr_rows.metric == "accuracy seen combinations")
-        ]
-        .set_index("attribute")
-        .value
-    )
-    assert table.loc["Video", "attr_bindable_seen"] == pytest.approx(seen.drop("motion").mean())
+    assert "motion" in video.index
+    assert table.loc["Video", "attr_bindable"] == pytest.approx(video.mean())
+    depth = attr_rows[(attr_rows.condition == "Depth") & (attr_rows.metric == "accuracy")]
+    assert set(depth[depth.carried == True].attribute) == {"shape", "size", "position", "count"}  # noqa: E712
     assert table.loc["Image", "attr_bindable"] == pytest.approx(table.loc["Image", "attr_carried"])
     assert "Audio + cache" in table.index
 
@@ -212,13 +207,16 @@ def test_gated_cache_settings_are_checked(tmp_path, capsys):
     assert "--cache-gate-quantile must lie in [0, 1)" in capsys.readouterr().err
 
 
-def test_summary_bindable_columns_leave_out_what_images_do_not_carry():
+def test_summary_bindable_columns_leave_out_what_images_do_not_carry(monkeypatch):
     """``summary``'s bindable columns average the attributes both the modality and images
-    carry, per split: video's motion (carried, wrong here) is left out of them only."""
+    carry, per split: with true stills (images without motion trails) video's motion
+    (carried, wrong here) is left out of them only."""
     import pandas as pd
 
     from ibllm_lab.transfer import summary
+    from ibllm_lab.world import CARRIES
 
+    monkeypatch.setitem(CARRIES, Modality.IMAGE, CARRIES[Modality.IMAGE] - {"motion"})
     rows = []
     for attr, seen, novel in (("shape", 1.0, 0.5), ("color", 0.8, 0.4), ("motion", 0.0, 0.0)):
         for metric, v in (

@@ -69,7 +69,39 @@ def test_attribute_vocabulary():
 def test_carrying_matrix():
     assert "position" not in carries("audio") and "motion" not in carries(Modality.AUDIO)
     assert "color" not in carries("Depth") and "motion" in carries("Video")
-    assert all("motion" not in CARRIES[m] for m in CARRIES if m != Modality.VIDEO)
+    # motion reaches text only through images (their motion trails): bindable for video
+    assert "motion" in carries("Image") and "motion" in carries("Text")
+    assert {m for m in CARRIES if "motion" not in CARRIES[m]} == {
+        Modality.AUDIO,
+        Modality.POINT,
+        Modality.DEPTH,
+    }
+
+
+@pytest.mark.parametrize("motion, behind", [("left", (1, 0)), ("down", (0, -1))])
+def test_a_moving_group_leaves_a_trail_behind_it_in_the_image(motion, behind):
+    """The same draws with another motion change only pixels on the side the objects come
+    from; with ``motion_trail`` 0 the image is a true still that shows no motion."""
+    cfg = WorldConfig.from_name("quick", **TINY)
+    attrs = [dict(shape="square", color="red", size="large", position=p, count="one")
+             for p in ATTRIBUTES["position"]]  # fmt: skip
+
+    def render(m, trail):
+        cfg.difficulty.motion_trail = trail
+        return render_media(
+            [{**a, "motion": m} for a in attrs], "Image", cfg, np.random.default_rng(3)
+        ).astype(int)
+
+    still, moving = render("static", 0.6), render(motion, 0.6)
+    for img_still, img_moving in zip(still, moving, strict=True):
+        sat = img_still.max(-1) - img_still.min(-1)
+        oy, ox = np.nonzero(sat > 120)  # the red square
+        dy, dx = np.nonzero((img_still != img_moving).any(-1))  # the trail
+        assert len(dx) > 10, "no trail"
+        # pixel coordinates: x to the right, y down
+        assert np.sign(round(dx.mean() - ox.mean())) == behind[0]
+        assert np.sign(round(dy.mean() - oy.mean())) == behind[1]
+    assert (render("static", 0.0) == render(motion, 0.0)).all()
 
 
 def test_heldout_combinations_only_in_test(world):
@@ -163,6 +195,7 @@ def test_questions_answer_the_scene():
     rng = np.random.default_rng(0)
     attrs = dict(shape="ring", color="red", size="small", position="top left", count="two")
     attrs["motion"] = "up"
+    asked = set()
     for _ in range(50):
         attr, q, a = make_question(attrs, "attribute", rng, Modality.VIDEO)
         assert a == attrs[attr]
@@ -170,8 +203,11 @@ def test_questions_answer_the_scene():
         assert a == ("yes" if f" {attrs[attr]}" in q else "no")
         attr, q, a = make_question(attrs, "choice", rng)
         letter = next(ln[0] for ln in q.splitlines() if ln.endswith(attrs[attr]))
-        assert a == letter and attr != "motion"
-    assert describe(attrs) == "There are two small red rings in the top left."
+        assert a == letter
+        asked.add(make_question(attrs, "attribute", rng, Modality.DEPTH)[0])
+    assert "motion" not in asked and "color" not in asked  # depth carries neither
+    assert describe(attrs) == "There are two small red rings in the top left, moving up."
+    assert describe(attrs, "Point") == "There are two small red rings in the top left."
     assert yesno_question("shape", "cross") == "Are the objects in the image crosses?"
     assert yesno_question("count", "one") == "Is there one object?"
     assert yesno_question("count", "three", "video") == "Are there three objects?"
