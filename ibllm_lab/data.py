@@ -191,6 +191,11 @@ class FeatureDataset(Dataset):
         self.tokens = torch.stack([t for t, _ in encoded]) if encoded else torch.zeros(0, max_len)
         self.labels = torch.stack([lab for _, lab in encoded]) if encoded else self.tokens.clone()
 
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Each example's token count (BOS to EOS, before padding), for length grouping."""
+        return tuple((self.tokens != PAD).sum(dim=1).tolist())
+
     def _feature(self, ex: Example, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if ex.media is None:
             return torch.zeros(self.feature_dim)
@@ -223,6 +228,11 @@ class TokenDataset(Dataset):
         self.labels = self.tokens.clone()
         self.labels[:, 0] = IGNORE  # BOS is never predicted
 
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Each document's token count (before padding), for length grouping."""
+        return tuple((self.tokens != PAD).sum(dim=1).tolist())
+
     def __len__(self) -> int:
         return len(self.tokens)
 
@@ -252,6 +262,13 @@ class ShardedOrder:
     every rank gets the same count, and gives rank ``r`` the positions ``r, r + W, ...``.
     The order is a pure function of ``(seed, epoch)``, so a checkpoint only records those and
     the step to resume the exact data stream.
+
+    Length grouping (``group > 0`` with ``lengths``, the examples' token counts): each run of
+    ``group`` consecutive batches of a rank is re-cut from its examples sorted by length, and
+    those batches are then shuffled among themselves. A batch is padded to its longest
+    example (:func:`collate`), so batches of similar lengths waste less compute; the batches
+    still hold the same examples per epoch, and their order stays a pure function of
+    ``(seed, epoch)``.
     """
 
     n: int
@@ -259,12 +276,19 @@ class ShardedOrder:
     rank: int = 0
     seed: int = 0
     shuffle: bool = True
+    group: int = 0
+    lengths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.n <= 0:
             raise ValueError("cannot shard an empty dataset")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        if self.group < 0:
+            raise ValueError(f"group must be >= 0, got {self.group}")
+        if self.group and (self.lengths is None or len(self.lengths) != self.n):
+            got = None if self.lengths is None else len(self.lengths)
+            raise ValueError(f"group {self.group} needs lengths for {self.n} examples, got {got}")
 
     @property
     def per_rank(self) -> int:
@@ -283,8 +307,20 @@ class ShardedOrder:
     def batches(self, epoch: int, batch_size: int, start: int = 0) -> Iterator[list[int]]:
         """Full batches of this rank's indices for ``epoch``, from batch number ``start``."""
         idx = self.indices(epoch)
-        for b in range(start, len(idx) // batch_size):
-            yield idx[b * batch_size : (b + 1) * batch_size]
+        count = len(idx) // batch_size
+        batches = [idx[b * batch_size : (b + 1) * batch_size] for b in range(count)]
+        if self.group and self.lengths is not None:
+            batches = self._grouped(batches, batch_size, epoch)
+        yield from batches[start:]
+
+    def _grouped(self, batches: list[list[int]], batch_size: int, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(1_000_003 * (self.seed + 1) + 7919 * epoch + self.rank)
+        out: list[list[int]] = []
+        for s in range(0, len(batches), self.group):
+            run = sorted(sum(batches[s : s + self.group], []), key=self.lengths.__getitem__)
+            cut = [run[k : k + batch_size] for k in range(0, len(run), batch_size)]
+            out += [cut[i] for i in torch.randperm(len(cut), generator=g).tolist()]
+        return out
 
     def n_batches(self, batch_size: int) -> int:
         return self.per_rank // batch_size

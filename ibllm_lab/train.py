@@ -100,6 +100,12 @@ class TrainConfig:
     fsdp: bool = False  # shard with FSDP instead of DDP (7B on several GPUs; see train_phase)
     captions: str = "file"  # pre-training captions from a world: "file" or "canonical"
     compile_blocks: str | None = None  # torch.compile each LLaMA block in this mode (GPU speed)
+    # batches of similar lengths: each run of this many batches is re-cut from its examples
+    # sorted by token count (ShardedOrder); 0 = plain shuffled batches. Off in every preset:
+    # on the default world, 8 cut the padded tokens of fine-tuning batches to 0.59 and its
+    # time by about a third, but the loss is a mean per batch, so short answers weigh more,
+    # and the LLaMA's image answers fell 0.937 -> 0.881 (video 0.929 -> 0.870, 445 scenes)
+    group_by_length: int = 0
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -109,6 +115,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accum_iter", "max_words", "log_every", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_by_length < 0:
+            raise ValueError(f"group_by_length must be >= 0, got {self.group_by_length}")
         if self.base_lr <= 0 or self.min_lr < 0 or self.weight_decay < 0:
             raise ValueError("base_lr must be > 0, min_lr and weight_decay >= 0")
         if self.captions not in CAPTION_SOURCES:
@@ -458,7 +466,12 @@ def train_phase(
     prepare_precision(model, device, cfg.amp)
     if cfg.compile_blocks:
         compile_blocks(model, cfg.compile_blocks)
-    order = ShardedOrder(len(dataset), env.world_size, env.rank, cfg.seed)
+    lengths = getattr(dataset, "lengths", None) if cfg.group_by_length else None
+    if cfg.group_by_length and lengths is None:
+        raise ValueError(f"group_by_length needs a dataset with .lengths, not {type(dataset)}")
+    order = ShardedOrder(
+        len(dataset), env.world_size, env.rank, cfg.seed, group=cfg.group_by_length, lengths=lengths
+    )
     per_epoch = order.n_batches(cfg.batch_size) // cfg.accum_iter
     if per_epoch < 1:
         raise ValueError(
@@ -946,7 +959,7 @@ def train_pipeline(
     ``out_dir/pretrain/adapter.pth``, ``out_dir/finetune/adapter.pth``, each phase with its
     ``metrics.csv`` and ``checkpoint.pt``. A finished stage is reused (its checkpoint is
     complete, so resuming runs no steps). ``overrides`` apply to all three TrainConfigs,
-    then ``phase_overrides[phase]`` to that phase's.
+    then ``phase_overrides[phase]`` ("base-lm", "pretrain" or "finetune") to that phase's.
 
     Variants of the adapter (ablations) reuse one base LM and one feature cache:
     ``llama_dir`` (an existing Meta-format base LM: not trained again, ``seconds["base_lm"]``
@@ -958,15 +971,18 @@ def train_pipeline(
     """
     out_dir = Path(out_dir)
     phase_overrides, max_examples = phase_overrides or {}, max_examples or {}
-    unknown = sorted((set(phase_overrides) | set(max_examples)) - {"pretrain", "finetune"})
+    unknown = sorted(set(phase_overrides) - set(PHASES)) + sorted(
+        set(max_examples) - {"pretrain", "finetune"}
+    )
     if unknown:
         raise ValueError(f"per-phase settings for unknown phases {unknown}")
+    lm_cfg = {**overrides, **phase_overrides.get("base-lm", {})}
     seconds: dict[str, float] = {"base_lm": 0.0}
     t = time.perf_counter()
     if llama_dir is None:
         llama_dir = train_base_lm(
             world,
-            TrainConfig.from_name(preset, "base-lm", **overrides),
+            TrainConfig.from_name(preset, "base-lm", **lm_cfg),
             out_dir / "llama",
             arch=arch or preset,
             device=device,

@@ -98,6 +98,8 @@ def test_feature_dataset_looks_up_features_and_zeros_text_only(tokenizer):
     assert len(ds) == 4
     assert ds[0][2].tolist() == [1.0] * 4 and ds[1][2].tolist() == [2.0] * 4
     assert (ds[2][2] == 0).all() and (ds[3][2] == 0).all()
+    full = [tokenizer.encode(ex.prompt() + ex.output, bos=True, eos=True) for ex in examples]
+    assert ds.lengths == tuple(len(ids) for ids in full)  # what length grouping sorts by
     tokens, labels, f = collate([ds[i] for i in range(4)])
     assert f.shape == (4, 4)
     assert tokens.shape[1] < 128 and (tokens[:, -1] != 0).any()  # trailing padding dropped
@@ -118,3 +120,42 @@ def test_sharded_order_partitions_each_epoch_deterministically():
     assert ShardedOrder(10, seed=3).indices(1) == single.indices(1)
     assert list(single.batches(0, 4, start=1)) == [single.indices(0)[4:8]]
     assert ShardedOrder(7, world_size=2, rank=1).per_rank == 4
+
+
+def test_length_grouped_batches_hold_the_same_examples_with_less_padding():
+    gen = torch.Generator().manual_seed(0)
+    lengths = tuple(torch.randint(4, 100, (200,), generator=gen).tolist())
+    plain = ShardedOrder(200, seed=3)
+    grouped = ShardedOrder(200, seed=3, group=4, lengths=lengths)
+
+    def padded(batches):  # tokens computed when each batch is padded to its longest example
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    for epoch in (0, 1):
+        a, b = list(plain.batches(epoch, 8)), list(grouped.batches(epoch, 8))
+        assert len(a) == len(b) == 25 and all(len(x) == 8 for x in b)
+        # each run of 4 batches is re-cut from the same 32 examples (the last run is 1 batch)
+        for s in range(0, 25, 4):
+            assert sorted(sum(a[s : s + 4], [])) == sorted(sum(b[s : s + 4], []))
+        assert padded(b) < 0.75 * padded(a)
+        # within a run each batch holds a contiguous slice of lengths, the batches shuffled
+        assert all(
+            max(lengths[i] for i in x) <= min(lengths[i] for i in y)
+            or max(lengths[i] for i in y) <= min(lengths[i] for i in x)
+            for s in range(0, 24, 4)
+            for x in b[s : s + 4]
+            for y in b[s : s + 4]
+            if x != y
+        )
+        # a pure function of (seed, epoch): resuming at batch 7 gives the rest of the stream
+        assert list(grouped.batches(epoch, 8, start=7)) == b[7:]
+        assert list(ShardedOrder(200, seed=3, group=4, lengths=lengths).batches(epoch, 8)) == b
+    firsts = [list(grouped.batches(e, 8))[:4] for e in range(6)]
+    orders = {tuple(max(lengths[i] for i in x) for x in run) for run in firsts}
+    assert len(orders) > 1  # not always shortest first
+    with pytest.raises(ValueError, match="lengths for 200 examples, got None"):
+        ShardedOrder(200, group=4)
+    with pytest.raises(ValueError, match="lengths for 200 examples, got 10"):
+        ShardedOrder(200, group=4, lengths=lengths[:10])
+    with pytest.raises(ValueError, match="group must be >= 0"):
+        ShardedOrder(200, group=-1, lengths=lengths)

@@ -23,6 +23,7 @@ from ibllm_lab.train import (
     param_groups,
     scaled_lr,
     train_phase,
+    train_pipeline,
 )
 
 VOCAB, FEAT = 48, 16
@@ -62,6 +63,21 @@ class Synthetic(Dataset):
 
     def __getitem__(self, i):
         return self.tokens[i], self.labels[i], self.feats[i]
+
+
+class Ragged(Synthetic):
+    """``Synthetic`` with answers cut to 1-8 tokens (the rest padding) and their lengths."""
+
+    def __init__(self, n: int = 24, seed: int = 0):
+        super().__init__(n, seed)
+        keep = 5 + torch.randint(0, 8, (n,), generator=torch.Generator().manual_seed(seed + 1))
+        pad = torch.arange(self.tokens.shape[1]) >= keep[:, None]
+        self.tokens[pad] = 0
+        self.labels[pad] = 0
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple((self.tokens != 0).sum(dim=1).tolist())
 
 
 def small_cfg(**kw) -> TrainConfig:
@@ -157,6 +173,35 @@ def test_resume_from_mid_run_checkpoint_equals_uninterrupted_run(tmp_path):
         train_phase(tiny_model(), data, small_cfg(batch_size=2), tmp_path / "b", progress=False)
 
 
+def test_length_grouped_training_resumes_like_an_uninterrupted_run(tmp_path):
+    data = Ragged()
+    cfg = small_cfg(group_by_length=2, accum_iter=1)
+    full = tiny_model()
+    mark_trainable(full, "pretrain")
+    assert train_phase(full, data, cfg, tmp_path / "a", progress=False).steps == 12
+    first = tiny_model()
+    mark_trainable(first, "pretrain")
+    stop = small_cfg(group_by_length=2, accum_iter=1, stop_after=7)
+    train_phase(first, data, stop, tmp_path / "b", progress=False)
+    resumed = tiny_model()
+    mark_trainable(resumed, "pretrain")
+    assert train_phase(resumed, data, cfg, tmp_path / "b", progress=False).resumed_from == 7
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    # grouping changes the batches, so the same run without it trains other weights
+    plain = tiny_model()
+    mark_trainable(plain, "pretrain")
+    train_phase(plain, data, small_cfg(accum_iter=1), tmp_path / "c", progress=False)
+    assert not torch.equal(plain.prefix_query.weight, full.prefix_query.weight)
+    # a grouped run does not resume without grouping
+    with pytest.raises(ValueError, match="group_by_length"):
+        train_phase(tiny_model(), data, small_cfg(accum_iter=1), tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="group_by_length needs a dataset with .lengths"):
+        train_phase(tiny_model(), Synthetic(), cfg, tmp_path / "d", progress=False)
+    with pytest.raises(ValueError, match="group_by_length must be >= 0"):
+        small_cfg(group_by_length=-1)
+
+
 def test_checkpoint_and_metrics_contents(tmp_path):
     from ibllm_lab.io import safe_torch_load
 
@@ -210,9 +255,14 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path):
         TrainConfig(compile_blocks="fastest")
 
 
-def test_config_validation_and_presets():
+def test_config_validation_and_presets(tmp_path):
     with pytest.raises(ValueError, match="phase"):
         TrainConfig(phase="posttrain")
+    # per-phase settings are checked before anything trains (base-lm takes overrides only)
+    with pytest.raises(ValueError, match=r"unknown phases \['bogus'\]"):
+        train_pipeline(None, None, tmp_path, phase_overrides={"base-lm": {}, "bogus": {}})
+    with pytest.raises(ValueError, match=r"unknown phases \['base-lm'\]"):
+        train_pipeline(None, None, tmp_path, max_examples={"base-lm": 3})
     with pytest.raises(ValueError, match="amp"):
         TrainConfig(amp="fp8")
     for name, phases in PRESETS.items():
