@@ -214,6 +214,23 @@ def test_questions_answer_the_scene():
     assert answer_normalise(" The Top-Left. ") == "top left" and answer_normalise("Big") == "large"
 
 
+def test_question_weights_set_the_mix_of_kinds_and_leave_the_media(world, tmp_path):
+    cfg = WorldConfig.from_name("quick", **TINY, question_weights=(1, 0, 0, 1))
+    other = generate_world(cfg, tmp_path / "w")
+    for name in ("instructions.json", "instructions_video.json"):
+        items = json.loads((other.root / name).read_text())
+        assert {x["kind"] for x in items} == {"attribute", "describe"}
+    for sub in ("images", "video", "audio", "points", "depth"):
+        assert any((world.root / sub).iterdir())
+        assert _tree_hash(other.root / sub) == _tree_hash(world.root / sub)
+    assert (other.root / "pretrain.csv").read_bytes() == (world.root / "pretrain.csv").read_bytes()
+    assert World.load(other.root).config.question_weights == (1.0, 0.0, 0.0, 1.0)
+    assert other.fingerprint() != world.fingerprint()
+    for bad in ((1, 1, 1), (0, 0, 0, 0), (1, -1, 1, 1)):
+        with pytest.raises(ValueError, match="question_weights: 4 non-negative weights"):
+            WorldConfig(question_weights=bad)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="held-out"):
         WorldConfig(heldout=(("hexagon", "red"),))
