@@ -210,7 +210,8 @@ _PRESET_TABLE: dict[str, dict[str, dict[str, Any]]] = {
         # 0.942 / 0.949 / 0.934 / 0.954, 5 epochs 0.962 / 0.949 / 0.943 / 0.930 / 0.944. The
         # base LM trains 3 epochs instead of 5 to pay for the longer fine-tuning (the 300 s
         # budget, bench_training.py); a fresh pipeline with it: 0.961 / 0.941 / 0.937 / 0.935
-        # / 0.947. The base LM varies more from run to run than its epochs tell: with 4 epochs
+        # / 0.947 (every phase's seed 1: 0.937 / 0.925 / 0.954 / 0.949 / 0.947, image motion
+        # 0.715). The base LM varies more from run to run than its epochs tell: with 4 epochs
         # and 4 or 5 fine-tuning epochs image answers were 0.936 and 0.943 (colour 0.83-0.85)
         "base-lm": dict(epochs=3, base_lr=0.08, weight_decay=0.05, max_words=96),
         "pretrain": dict(epochs=18, batch_size=16, base_lr=0.16, weight_decay=0.05, max_words=96),
