@@ -16,8 +16,9 @@ Training follows ImageBind:
 Towers (all end in a linear map to ``embed_dim``; the output is L2-normalised):
 
 * image, depth: a 3-layer strided CNN over the picture, flattened (position survives);
-  ``image_colour="additive"`` gives the image tower a brightness-only CNN plus an added colour
-  stream (``ConvTower``), so shape and colour compose;
+  ``image_colour="additive"`` (the default preset's) gives the image tower a brightness-only
+  CNN plus an added colour stream (``ConvTower``), so shape and colour compose; ``"joint"`` is
+  one CNN over RGB;
 * text: mean of word and word-bigram embeddings (a vocabulary built from the world's
   captions; bigrams keep "top left" apart from "moving left"), then an MLP;
 * audio: a 1-D CNN over the log-mel spectrogram's frames (mel bins as channels); the default
@@ -172,7 +173,8 @@ ENCODER_PRESETS: dict[str, dict] = {
         # partial captions instead of 0.6 (seed 0): R@1 0.957, zero-shot video motion 0.926,
         # shape: video 0.874, audio 0.816, point 0.832, depth 0.856 (bench_world_encoders.py
         # runs with one thread, on the same world; the seed-1 run of 0.6 read audio 0.757)
-        # image_colour="additive" (ConvTower) was measured and left out of the default
+        # image_colour="additive" (ConvTower) was measured and, before images showed motion,
+        # left out of the default
         # (bench_world_encoders.py, two threads). With stage-1 renders reused for 2 epochs
         # (rerender_every=2: rendering is half of stage 1's time), video 6 and depth 10
         # epochs: world + encoders 161 s, image -> text R@1 0.944 -> 0.987, zero-shot point
