@@ -145,6 +145,12 @@ def encode_example(
     return tokens, labels
 
 
+def token_lengths(tokens: torch.Tensor) -> tuple[int, ...]:
+    """Each row's token count before padding (``tokens (N, T)``), what length grouping sorts
+    by (:class:`ShardedOrder`)."""
+    return tuple((tokens != PAD).sum(dim=1).tolist())
+
+
 def collate(batch: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
     """Stack ``(tokens, labels, feats)`` items and drop trailing all-padding columns.
 
@@ -191,10 +197,7 @@ class FeatureDataset(Dataset):
         self.tokens = torch.stack([t for t, _ in encoded]) if encoded else torch.zeros(0, max_len)
         self.labels = torch.stack([lab for _, lab in encoded]) if encoded else self.tokens.clone()
 
-    @property
-    def lengths(self) -> tuple[int, ...]:
-        """Each example's token count (BOS to EOS, before padding), for length grouping."""
-        return tuple((self.tokens != PAD).sum(dim=1).tolist())
+    lengths = property(lambda self: token_lengths(self.tokens))
 
     def _feature(self, ex: Example, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if ex.media is None:
@@ -228,10 +231,7 @@ class TokenDataset(Dataset):
         self.labels = self.tokens.clone()
         self.labels[:, 0] = IGNORE  # BOS is never predicted
 
-    @property
-    def lengths(self) -> tuple[int, ...]:
-        """Each document's token count (before padding), for length grouping."""
-        return tuple((self.tokens != PAD).sum(dim=1).tolist())
+    lengths = property(lambda self: token_lengths(self.tokens))
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -278,6 +278,13 @@ DEFAULT_HELDOUT: tuple[tuple[str, str], ...] = (
     ("ring", "red"),
 )
 
+_FULL_WORLD = dict(
+    n_scenes=3000,
+    image_size=48,
+    video_size=48,
+    instructions_per_scene=4,
+    question_weights=(0.55, 0.1, 0.1, 0.25),
+)
 WORLD_PRESETS: dict[str, dict] = {
     # instructions_per_scene=4: twice the fine-tuning questions of the dataclass default, for
     # the same fine-tuning compute (3 epochs instead of 6, training preset "default"). On the
@@ -294,23 +301,9 @@ WORLD_PRESETS: dict[str, dict] = {
     # 0.904 / 0.919; 0.45 / 0.1 / 0.15 / 0.3: 0.954 / 0.937 / 0.933 / 0.930 / 0.941; these:
     # 0.949 / 0.942 / 0.949 / 0.934 / 0.954 (equal weights and 6 epochs: 0.937 / 0.929 /
     # 0.937 / 0.919 / 0.931). Only the instruction files change; the media are the same
-    "default": dict(
-        n_scenes=3000,
-        image_size=48,
-        video_size=48,
-        difficulty="default",
-        instructions_per_scene=4,
-        question_weights=(0.55, 0.1, 0.1, 0.25),
-    ),
+    "default": dict(_FULL_WORLD, difficulty="default"),
     "quick": dict(n_scenes=360, image_size=32, video_size=32, difficulty="default"),
-    "hard": dict(
-        n_scenes=3000,
-        image_size=48,
-        video_size=48,
-        difficulty="hard",
-        instructions_per_scene=4,
-        question_weights=(0.55, 0.1, 0.1, 0.25),
-    ),
+    "hard": dict(_FULL_WORLD, difficulty="hard"),
 }
 
 

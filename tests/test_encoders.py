@@ -158,22 +158,8 @@ def test_partial_caption_matches():
     base = dict(count="one", size="small", color="red", shape="circle", position="top left")
     attrs = [
         dict(base, motion="static"),
-        dict(
-            count="two",
-            size="large",
-            color="red",
-            shape="square",
-            position="top left",
-            motion="left",
-        ),  # fmt: skip
-        dict(
-            count="one",
-            size="large",
-            color="blue",
-            shape="circle",
-            position="top right",
-            motion="left",
-        ),  # fmt: skip
+        dict(base, count="two", size="large", shape="square", motion="left"),
+        dict(base, size="large", color="blue", position="top right", motion="left"),
         dict(base, motion="up"),  # differs from the first in motion only
     ]
     caps = [[f"caption {i}"] for i in range(len(attrs))]
